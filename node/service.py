@@ -1,0 +1,212 @@
+"""The node process: listener, series completion, processing and sending.
+
+Each role is its own loop around the state store (mercure's shape): the
+listener records instances, the assembler turns quiet series into jobs, the
+worker runs the pipeline and fills the outbox, the sender empties it. All
+state is in SQLite, so a restart picks up exactly where the last process
+stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from io import BytesIO
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+
+from node.config import NodeConfig
+from node.listener import Listener
+from node.sender import Sender
+from node.spool import Spool, check_uid, remove_partials, write_durably
+from node.state import DONE, FAILED, REJECTED, StateStore
+from pipelines.analysis import ResultLabelling, SeriesAnalyzer, SeriesResult
+from pipelines.errors import PacsAiError, SeriesRejected
+from pipelines.model import ModelBundle
+from pipelines.volume import load_series
+
+LOG = logging.getLogger(__name__)
+
+#: How often the loops look for work when nothing woke them.
+POLL_SECONDS = 0.5
+#: How long a clean shutdown waits for associations in progress.
+ASSOCIATION_DRAIN_SECONDS = 30.0
+
+
+def software_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pacs-ai-node")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def build_analyzer(config: NodeConfig) -> SeriesAnalyzer:
+    """Load the configured model bundle (hash checked) and wrap it for analysis."""
+    bundle = ModelBundle(config.model_dir, require_gpu=config.require_gpu)
+    labelling = ResultLabelling(research_notice=config.research_notice, software_version=software_version())
+    return SeriesAnalyzer(bundle, labelling)
+
+
+def encode_dataset(ds: Dataset) -> bytes:
+    """A dataset as PS3.10 file bytes."""
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def write_results(result: SeriesResult, results_dir: Path) -> list[tuple[Dataset, Path]]:
+    """Write each result object durably under results/<study>/<series>/; returns (dataset, path)."""
+    written = []
+    for ds in result.objects:
+        path = (
+            results_dir
+            / check_uid(ds.StudyInstanceUID, "Study Instance UID")
+            / check_uid(ds.SeriesInstanceUID, "Series Instance UID")
+            / f"{check_uid(ds.SOPInstanceUID, 'SOP Instance UID')}.dcm"
+        )
+        write_durably(path, encode_dataset(ds))
+        written.append((ds, path))
+    return written
+
+
+class Node:
+    """One node process; :meth:`run` blocks until :meth:`request_stop`."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        removed = remove_partials(config.data_dir)
+        if removed:
+            LOG.info("removed %d partial files left by an interrupted write", removed)
+        self.state = StateStore(config.state_path)
+        self.spool = Spool(config.spool_dir)
+        self.analyzer = build_analyzer(config)
+        self.listener = Listener(config, self.spool, self.state)
+        self.sender = Sender(config, self.state)
+        self._stop = threading.Event()
+        self._wake_sender = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def request_stop(self) -> None:
+        self._stop.set()
+        self._wake_sender.set()
+
+    def run(self) -> None:
+        requeued = self.state.requeue_interrupted()
+        if requeued:
+            LOG.info("%d series interrupted by the last shutdown are queued again", len(requeued))
+        self.listener.start()
+        self._threads = [
+            threading.Thread(target=self._work_loop, name="worker", daemon=True),
+            threading.Thread(target=self._send_loop, name="sender", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+        LOG.info(
+            "node ready: model %s on %s, quiet period %.1f s, destinations: %s",
+            self.analyzer.bundle.key,
+            self.analyzer.bundle.provider,
+            self.config.series_quiet_seconds,
+            ", ".join(str(d) for d in self.config.destinations) or "none",
+        )
+        try:
+            while not self._stop.wait(POLL_SECONDS):
+                pass
+        finally:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        LOG.info("stopping: no new associations; waiting for those in progress")
+        server = self.listener.server
+        self.listener.stop()
+        deadline = time.monotonic() + ASSOCIATION_DRAIN_SECONDS
+        active = server.active_associations if server is not None else []
+        while active and time.monotonic() < deadline:
+            time.sleep(0.1)
+            active = [a for a in active if a.is_alive()]
+        for assoc in active:
+            LOG.warning("aborting association from %s still open at shutdown", assoc.requestor.ae_title)
+            assoc.abort()
+        for thread in self._threads:
+            thread.join(timeout=60)
+            if thread.is_alive():
+                LOG.warning("%s still busy at shutdown; its series will be queued again at the next start",
+                            thread.name)
+        LOG.info("stopped")
+
+    # -- worker ---------------------------------------------------------------
+
+    def _work_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                for uid in self.state.queue_quiet_series(self.config.series_quiet_seconds):
+                    LOG.info("series %s complete (quiet for %.1f s), queued", uid, self.config.series_quiet_seconds)
+                row = self.state.claim_next_series()
+            except Exception:  # the state store must not kill the loop (e.g. locked database)
+                LOG.exception("worker could not read the state store")
+                self._stop.wait(POLL_SECONDS)
+                continue
+            if row is None:
+                self._stop.wait(POLL_SECONDS)
+                continue
+            self.process_series(row.series_uid, row.updated_at)
+
+    def process_series(self, series_uid: str, claimed_at: float) -> str:
+        """Analyse one claimed series, store and queue its results; returns the final state."""
+        paths = self.state.series_instances(series_uid)
+        started = time.perf_counter()
+        try:
+            volume = load_series(paths)
+            result = self.analyzer.analyse(volume)
+            written = write_results(result, self.config.results_dir)
+        except SeriesRejected as exc:
+            final = self.state.finish_series(series_uid, REJECTED, exc.reason, claimed_at)
+            LOG.info("series %s rejected: %s", series_uid, exc.reason)
+            return final
+        except PacsAiError as exc:
+            final = self.state.finish_series(series_uid, FAILED, str(exc), claimed_at)
+            LOG.error("series %s failed: %s", series_uid, exc)
+            return final
+        except Exception as exc:  # a bug must fail one series, not the node
+            LOG.exception("series %s failed with an internal error", series_uid)
+            return self.state.finish_series(series_uid, FAILED, f"internal error: {type(exc).__name__}: {exc}",
+                                            claimed_at)
+        destinations = [str(d) for d in self.config.destinations]
+        for ds, path in written:
+            self.state.enqueue_result(
+                series_uid=series_uid,
+                sop_instance_uid=str(ds.SOPInstanceUID),
+                sop_class_uid=str(ds.SOPClassUID),
+                path=str(path),
+                destinations=destinations,
+            )
+        summary = "; ".join(f"{f.label} {f.volume_mm3 / 1000:.1f} cm3, mean {f.mean_hu:.0f} HU" for f in result.findings)
+        final = self.state.finish_series(series_uid, DONE, summary, claimed_at)
+        LOG.info(
+            "series %s processed in %.2f s (%s): %s; %d objects queued for %d destinations",
+            series_uid,
+            time.perf_counter() - started,
+            ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items()),
+            summary,
+            len(written),
+            len(destinations),
+        )
+        self._wake_sender.set()
+        return final
+
+    # -- sender ---------------------------------------------------------------
+
+    def _send_loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake_sender.wait(1.0)
+            self._wake_sender.clear()
+            if self._stop.is_set():
+                break
+            try:
+                self.sender.send_due()
+            except Exception:  # keep retrying; items stay pending in the outbox
+                LOG.exception("sender loop error")

@@ -124,10 +124,15 @@ class Node:
         server = self.listener.server
         self.listener.stop()
         deadline = time.monotonic() + ASSOCIATION_DRAIN_SECONDS
-        active = server.active_associations if server is not None else []
+        # Only established associations can still deliver instances; rejected or
+        # released ones may linger in pynetdicom until their network timeout.
+        def established() -> list:
+            return [a for a in (server.active_associations if server else []) if a.is_alive() and a.is_established]
+
+        active = established()
         while active and time.monotonic() < deadline:
             time.sleep(0.1)
-            active = [a for a in active if a.is_alive()]
+            active = established()
         for assoc in active:
             LOG.warning("aborting association from %s still open at shutdown", assoc.requestor.ae_title)
             assoc.abort()

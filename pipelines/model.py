@@ -251,13 +251,12 @@ class ModelBundle:
 
         available = ort.get_available_providers()
         if providers is None:
-            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+            # onnxruntime-gpu lists CUDA even on machines without an NVIDIA driver,
+            # then logs a load error and falls back: ask for CUDA only with a driver.
+            wanted = ["CUDAExecutionProvider"] if Path("/proc/driver/nvidia/version").exists() else []
+            providers = [p for p in (*wanted, "CPUExecutionProvider") if p in available]
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
-        # onnxruntime-gpu lists CUDA even without a GPU or CUDA libraries and then
-        # falls back to CPU with an error log: keep that quiet and report the
-        # provider actually in use instead.
-        options.log_severity_level = 3
         try:
             return ort.InferenceSession(str(self.model_path), sess_options=options, providers=list(providers))
         except Exception as exc:  # onnxruntime raises its own exception types

@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
-import numpy as np
 import pydicom
 import pytest
 
@@ -91,7 +91,7 @@ def test_ct_in_seg_and_sr_back_in_pacs(orthanc, start_node, tmp_path: Path, have
 
     # The admin sees the outcome.
     listing = subprocess.run(
-        ["pacs-ai-node", "series", "list", "--data-dir", str(node.data_dir)], capture_output=True, text=True,
+        [sys.executable, "-m", "node", "series", "list", "--data-dir", str(node.data_dir)], capture_output=True, text=True,
         timeout=60,
     )
     assert "done" in listing.stdout
@@ -136,10 +136,10 @@ def test_echoscu_and_echo_command(start_node) -> None:
     echo = subprocess.run([dcmtk("echoscu"), "-aec", "AINODE", "127.0.0.1", str(node.port)],
                           capture_output=True, text=True, timeout=60, env=PEER_ENV)
     assert echo.returncode == 0, echo.stderr
-    ours = subprocess.run(["pacs-ai-node", "echo", f"AINODE@127.0.0.1:{node.port}"], capture_output=True,
+    ours = subprocess.run([sys.executable, "-m", "node", "echo", f"AINODE@127.0.0.1:{node.port}"], capture_output=True,
                           text=True, timeout=60)
     assert ours.returncode == 0, ours.stdout + ours.stderr
     assert "status 0x0000" in ours.stdout and "round trip" in ours.stdout
-    wrong = subprocess.run(["pacs-ai-node", "echo", f"NOTTHENODE@127.0.0.1:{node.port}"], capture_output=True,
+    wrong = subprocess.run([sys.executable, "-m", "node", "echo", f"NOTTHENODE@127.0.0.1:{node.port}"], capture_output=True,
                            text=True, timeout=60)
     assert wrong.returncode != 0 and "no association" in wrong.stdout

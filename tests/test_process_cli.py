@@ -1,0 +1,52 @@
+"""``pacs-ai-node process``: the same pipeline offline on a folder."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+
+from conftest import REPO, abdomen_files
+from validators import dciodvfy
+
+
+def _process(input_dir: Path, output: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "node", "process", str(input_dir), "--output", str(output)],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+
+
+def test_process_writes_seg_and_sr(tmp_path: Path) -> None:
+    result = _process(abdomen_files()[0].parent, tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    assert "1 series processed, 0 not" in result.stdout
+    written = sorted((tmp_path / "out").glob("*.dcm"))
+    assert [p.name.split("_")[0] for p in written] == ["SEG", "SR"]
+    for path in written:
+        errors, _ = dciodvfy(path)
+        assert errors == [], errors
+    # Deterministic UIDs: a second run writes the same objects (same file names).
+    again = _process(abdomen_files()[0].parent, tmp_path / "out2")
+    assert again.returncode == 0
+    assert sorted(p.name for p in (tmp_path / "out2").glob("*.dcm")) == [p.name for p in written]
+    assert "TotalSegmentator^ExampleCT" not in result.stderr + result.stdout
+
+
+def test_process_fails_with_one_line_reason_per_series(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    files = abdomen_files()
+    for f in files[:40] + files[41:]:  # a missing slice
+        shutil.copy(f, folder / f.name)
+    scout = pydicom.dcmread(files[0])
+    scout.SeriesInstanceUID = "1.2.3.4.5"
+    scout.SOPInstanceUID = "1.2.3.4.5.1"
+    scout.save_as(folder / "single.dcm")
+    result = _process(folder, tmp_path / "out")
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("series ")]
+    assert len(lines) == 2, result.stderr
+    assert any("missing slices" in line for line in lines)
+    assert any("1.2.3.4.5" in line and "slice" in line for line in lines)

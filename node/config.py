@@ -7,6 +7,7 @@ default.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from dataclasses import dataclass, replace
@@ -131,6 +132,14 @@ _SECTIONS = {
 }
 
 
+def _is_ipv6(host: str) -> bool:
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def _coerce(key: str, value: Any, base: Path) -> Any:
     default = getattr(NodeConfig, key, None)
     if key in ("data_dir", "models_dir"):
@@ -154,7 +163,10 @@ def _coerce(key: str, value: Any, base: Path) -> Any:
                 if unknown:
                     raise ConfigError(f"send.destinations[{i}]: unknown keys {sorted(unknown)}")
                 try:
-                    dest = Destination.parse(f"{item['ae_title']}@{item['host']}:{item['port']}",
+                    host = str(item["host"])
+                    if _is_ipv6(host):
+                        host = f"[{host}]"  # an IPv6 address given as its own key needs no brackets
+                    dest = Destination.parse(f"{item['ae_title']}@{host}:{item['port']}",
                                              f"send.destinations[{i}]")
                 except KeyError as exc:
                     raise ConfigError(f"send.destinations[{i}]: missing key {exc.args[0]!r}") from None

@@ -111,9 +111,22 @@ class ModelManifest:
             bad = set(post) - POSTPROCESS_KEYS
             if bad:
                 raise ModelError(f"{where}: segments[{i}].postprocess has unknown keys {sorted(bad)}")
-            if "within" in post and post["within"] not in labels:
+            for flag in ("largest_component", "fill_holes_per_slice"):
+                if flag in post and not isinstance(post[flag], bool):
+                    raise ModelError(
+                        f"{where}: segments[{i}].postprocess.{flag} must be true or false, got {post[flag]!r}"
+                    )
+            if "min_component_mm3" in post:
+                size = post["min_component_mm3"]
+                if isinstance(size, bool) or not isinstance(size, (int, float)) or not size >= 0:
+                    raise ModelError(
+                        f"{where}: segments[{i}].postprocess.min_component_mm3 must be a number >= 0, got {size!r}"
+                    )
+            if "within" in post and (not isinstance(post["within"], str) or post["within"] not in labels):
                 raise ModelError(f"{where}: segments[{i}].postprocess.within names {post['within']!r}, not an earlier segment")
             label = seg.get("label", str)
+            if label in labels:
+                raise ModelError(f"{where}: segments[{i}].label {label!r} is already used by an earlier segment")
             labels.add(label)
             site = item.get("finding_site")
             segments.append(

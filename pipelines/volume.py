@@ -181,11 +181,13 @@ def _sort_and_check_positions(
     spacing = float(np.median(steps))
     if np.any(np.abs(steps - spacing) > SPACING_TOLERANCE * spacing):
         worst = int(np.argmax(np.abs(steps - spacing)))
-        if steps[worst] > spacing:
-            missing = round(steps[worst] / spacing) - 1
+        # A gap of about a whole number of spacings is missing slices; a step
+        # that is merely uneven (a misplaced slice) is irregular spacing.
+        missing = round(steps[worst] / spacing) - 1
+        if missing >= 1:
             raise SeriesRejected(
                 f"missing slices: gap of {steps[worst]:.2f} mm between slices {worst + 1} and {worst + 2} "
-                f"where the spacing is {spacing:.2f} mm (about {max(missing, 1)} missing)"
+                f"where the spacing is {spacing:.2f} mm (about {missing} missing)"
             )
         raise SeriesRejected(
             f"irregular slice spacing: {steps[worst]:.2f} mm between slices {worst + 1} and {worst + 2}, "
@@ -229,7 +231,7 @@ def _build_classic(datasets: list[Dataset]) -> CTVolume:
             raise SeriesRejected("mixed image orientations in one series")
         if (int(ds.Rows), int(ds.Columns)) != (rows, cols):
             raise SeriesRejected(f"mixed image sizes ({rows}x{cols} and {int(ds.Rows)}x{int(ds.Columns)})")
-        if [float(v) for v in ds.PixelSpacing] != [float(v) for v in spacing_rc]:
+        if [float(v) for v in (getattr(ds, "PixelSpacing", None) or [])] != [float(v) for v in spacing_rc]:
             raise SeriesRejected("mixed pixel spacings in one series")
         ipp = getattr(ds, "ImagePositionPatient", None)
         if ipp is None or len(ipp) != 3:

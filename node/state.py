@@ -155,8 +155,10 @@ class StateStore:
         series that was already finished goes back to ``receiving`` so that the
         late instance is not silently ignored.
         """
-        now = time.time() if now is None else now
         with self._tx() as db:
+            # Timestamp under the write lock: an instance committed after a claim
+            # is then never older than the claim (see finish_series).
+            now = time.time() if now is None else now
             existing = db.execute(
                 "SELECT 1 FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
             ).fetchone()

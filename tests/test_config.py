@@ -1,0 +1,290 @@
+"""TOML configuration -> NodeConfig: defaults, every key, path resolution, errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from node.config import (
+    DEFAULT_AE_TITLE,
+    DEFAULT_PORT,
+    ConfigError,
+    Destination,
+    NodeConfig,
+    load_config,
+    validate_ae_title,
+)
+
+FULL = """
+[node]
+ae_title = "SCREEN1"
+port = 4242
+bind_address = "127.0.0.1"
+data_dir = "state"
+allowed_calling_ae_titles = ["CT01", " CT02 "]
+max_pdu_size = 65536
+max_associations = 3
+min_free_disk_mb = 1024
+network_timeout_s = 30
+log_level = "debug"
+
+[series]
+series_quiet_seconds = 2.5
+
+[send]
+destinations = [
+  "PACS@pacs.example.org:104",
+  "V6@[fe80::1]:11112",
+  { ae_title = "ARCHIVE", host = "10.1.2.3", port = 4243, name = "long-term archive" },
+  { ae_title = "V6TABLE", host = "::1", port = 104 },
+]
+send_retry_initial_s = 1
+send_retry_max_s = 60.0
+send_connect_timeout_s = 4.5
+
+[models]
+models_dir = "/opt/models"
+model = "other-model"
+require_gpu = true
+
+[results]
+research_notice = "Research only."
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "node.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def config_error(tmp_path: Path, text: str) -> str:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    return str(info.value)
+
+
+# --------------------------------------------------------------------------- defaults and a full file
+
+
+def test_defaults() -> None:
+    config = load_config(None)
+    assert config == NodeConfig()
+    assert config.ae_title == DEFAULT_AE_TITLE == "AINODE"
+    assert config.port == DEFAULT_PORT == 11112
+    assert config.destinations == ()
+    assert config.allowed_calling_ae_titles == ()
+    assert config.require_gpu is False
+    assert config.models_dir == REPO / "onnx_models"
+    assert config.model_dir == REPO / "onnx_models" / "body-lungs"
+    assert config.model_dir.is_dir()
+    assert config.state_path == config.data_dir / "state.sqlite3"
+    assert config.spool_dir == config.data_dir / "spool"
+    assert config.results_dir == config.data_dir / "results"
+
+
+def test_empty_file_gives_the_defaults(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, "")) == NodeConfig()
+
+
+def test_full_file_with_every_section(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, FULL))
+    assert config.ae_title == "SCREEN1"
+    assert config.port == 4242
+    assert config.bind_address == "127.0.0.1"
+    assert config.data_dir == tmp_path.resolve() / "state"
+    assert config.allowed_calling_ae_titles == ("CT01", "CT02")
+    assert config.max_pdu_size == 65536
+    assert config.max_associations == 3
+    assert config.min_free_disk_mb == 1024
+    assert config.network_timeout_s == 30.0 and isinstance(config.network_timeout_s, float)
+    assert config.log_level == "debug"
+    assert config.series_quiet_seconds == 2.5
+    assert config.send_retry_initial_s == 1.0 and isinstance(config.send_retry_initial_s, float)
+    assert config.send_retry_max_s == 60.0
+    assert config.send_connect_timeout_s == 4.5
+    assert config.models_dir == Path("/opt/models")
+    assert config.model == "other-model"
+    assert config.model_dir == Path("/opt/models/other-model")
+    assert config.require_gpu is True
+    assert config.research_notice == "Research only."
+    assert config.destinations == (
+        Destination("PACS", "pacs.example.org", 104, "PACS@pacs.example.org:104"),
+        Destination("V6", "fe80::1", 11112, "V6@[fe80::1]:11112"),
+        Destination("ARCHIVE", "10.1.2.3", 4243, "long-term archive"),
+        Destination("V6TABLE", "::1", 104, "V6TABLE@[::1]:104"),
+    )
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def test_relative_paths_resolve_against_the_file_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "etc" / "ainode"
+    folder.mkdir(parents=True)
+    write(folder, '[node]\ndata_dir = "data"\n[models]\nmodels_dir = "../models"\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    # The config path itself given relative to the working directory.
+    config = load_config(Path("..") / "etc" / "ainode" / "node.toml")
+    assert config.data_dir.is_absolute()
+    assert config.data_dir == folder.resolve() / "data"
+    assert config.models_dir.resolve() == (tmp_path / "etc" / "models").resolve()
+    assert config.state_path == folder.resolve() / "data" / "state.sqlite3"
+
+
+def test_absolute_and_home_paths_are_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    config = load_config(write(tmp_path, f'[node]\ndata_dir = "{tmp_path / "abs"}"\n[models]\nmodels_dir = "~/m"\n'))
+    assert config.data_dir == tmp_path / "abs"
+    assert config.models_dir == tmp_path / "home" / "m"
+
+
+# --------------------------------------------------------------------------- errors name the key
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[nodes]\nport = 1\n", ["unknown section [nodes]"]),
+        ("[node]\nprot = 104\n", ["unknown key node.prot"]),
+        ("[series]\nport = 104\n", ["unknown key series.port"]),
+        ("[models]\nrequire_gpu = true\nmodle = 'x'\n", ["unknown key models.modle"]),
+        ("node = 5\n", ["node must be a table"]),
+        ('[node]\nport = "104"\n', ["port", "expected an integer"]),
+        ("[node]\nport = 104.0\n", ["port", "expected an integer"]),
+        ("[node]\nport = true\n", ["port", "expected an integer"]),
+        ("[node]\nport = 70000\n", ["port", "out of range"]),
+        ("[node]\nport = 0\n", ["port", "out of range"]),
+        ('[node]\nae_title = "THIS-TITLE-IS-TOO-LONG"\n', ["ae_title", "not a valid AE title"]),
+        ('[node]\nae_title = "A\\\\B"\n', ["ae_title", "not a valid AE title"]),
+        ('[node]\nae_title = "   "\n', ["ae_title"]),
+        ("[node]\nae_title = 7\n", ["ae_title", "expected a string"]),
+        ('[node]\nallowed_calling_ae_titles = "CT01"\n', ["allowed_calling_ae_titles", "list"]),
+        ('[node]\nallowed_calling_ae_titles = ["CT01", ""]\n', ["allowed_calling_ae_titles"]),
+        ("[node]\nmax_pdu_size = 100\n", ["max_pdu_size", "too small"]),
+        ("[node]\nmax_associations = 0\n", ["max_associations"]),
+        ('[node]\nnetwork_timeout_s = "60"\n', ["network_timeout_s", "expected a number"]),
+        ("[node]\nnetwork_timeout_s = 0\n", ["network_timeout_s", "must be > 0"]),
+        ('[node]\nlog_level = "LOUD"\n', ["log_level", "'LOUD'"]),
+        ("[node]\ndata_dir = 5\n", ["data_dir", "path string"]),
+        ('[node]\ndata_dir = ""\n', ["data_dir", "path string"]),
+        ('[series]\nseries_quiet_seconds = "ten"\n', ["series_quiet_seconds", "expected a number"]),
+        ("[series]\nseries_quiet_seconds = -1\n", ["series_quiet_seconds", "must be > 0"]),
+        ('[models]\nrequire_gpu = "yes"\n', ["require_gpu", "true or false"]),
+        ("[models]\nrequire_gpu = 1\n", ["require_gpu", "true or false"]),
+        ("[models]\nmodel = []\n", ["model", "expected a string"]),
+        ('[send]\ndestinations = "PACS@h:104"\n', ["destinations", "expected a list"]),
+        ('[send]\ndestinations = ["PACS@h"]\n', ["send.destinations[0]", "AET@HOST:PORT"]),
+        ('[send]\ndestinations = ["A@h:1", 104]\n', ["send.destinations[1]", "table or a string"]),
+        ('[send]\ndestinations = [{ ae_title = "P", host = "h" }]\n', ["send.destinations[0]", "missing key 'port'"]),
+        ('[send]\ndestinations = [{ ae_title = "P", host = "h", port = 1, tls = true }]\n',
+         ["send.destinations[0]", "unknown keys ['tls']"]),
+        ('[send]\ndestinations = [{ ae_title = "P", host = "h", port = 99999 }]\n',
+         ["send.destinations[0]", "out of range"]),
+        ("[send]\nsend_retry_max_s = false\n", ["send_retry_max_s", "expected a number"]),
+        ("[results]\nresearch_notice = 1\n", ["research_notice", "expected a string"]),
+        ("[node\nport = 1\n", ["not valid TOML"]),
+    ],
+)
+def test_bad_config_raises_an_error_naming_the_key(tmp_path: Path, text: str, expected: list[str]) -> None:
+    message = config_error(tmp_path, text)
+    for part in expected:
+        assert part in message, message
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "absent.toml")
+
+
+# --------------------------------------------------------------------------- destinations
+
+
+@pytest.mark.parametrize(
+    ("text", "aet", "host", "port"),
+    [
+        ("PACS@pacs.example.org:104", "PACS", "pacs.example.org", 104),
+        ("ORTHANC@127.0.0.1:4242", "ORTHANC", "127.0.0.1", 4242),
+        ("V6@[::1]:11112", "V6", "::1", 11112),
+        ("V6@[2001:db8::7]:104", "V6", "2001:db8::7", 104),
+        ("  MY AE@host:1  ", "MY AE", "host", 1),
+        ("A@h:65535", "A", "h", 65535),
+    ],
+)
+def test_destination_parse_good(text: str, aet: str, host: str, port: int) -> None:
+    dest = Destination.parse(text)
+    assert (dest.ae_title, dest.host, dest.port) == (aet, host, port)
+    # str() gives back something parse accepts, IPv6 brackets included.
+    assert Destination.parse(str(dest)) == dest
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("pacs.example.org:104", "is not AET@HOST:PORT"),  # missing @
+        ("PACS@pacs.example.org", "is not AET@HOST:PORT"),  # missing port
+        ("PACS@host:", "is not AET@HOST:PORT"),
+        ("PACS@host:abc", "is not AET@HOST:PORT"),
+        ("PACS@host:-1", "is not AET@HOST:PORT"),
+        ("PACS@::1:104", "is not AET@HOST:PORT"),  # IPv6 without brackets
+        ("@host:104", "is not AET@HOST:PORT"),
+        ("PACS@host:0", "out of range"),
+        ("PACS@host:65536", "out of range"),
+        ("ABCDEFGHIJKLMNOPQ@host:104", "not a valid AE title"),  # 17 characters
+        ("A\\B@host:104", "not a valid AE title"),
+        ("A\x01B@host:104", "not a valid AE title"),  # control character
+        ("", "is not AET@HOST:PORT"),
+    ],
+)
+def test_destination_parse_bad(text: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Destination.parse(text, "--send-to")
+    assert str(info.value).startswith("--send-to: ")
+    assert expected in str(info.value)
+
+
+def test_validate_ae_title() -> None:
+    assert validate_ae_title(" AINODE ", "k") == "AINODE"
+    assert validate_ae_title("A" * 16, "k") == "A" * 16
+    with pytest.raises(ConfigError, match="^k: "):
+        validate_ae_title("A" * 17, "k")
+    with pytest.raises(ConfigError, match="^k: "):
+        validate_ae_title("tab\there", "k")
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def test_with_overrides_applies_only_non_none(tmp_path: Path) -> None:
+    base = load_config(write(tmp_path, FULL))
+    data_dir = tmp_path / "other"
+    dest = Destination.parse("NEW@localhost:5000")
+    changed = base.with_overrides(
+        ae_title="OVERRIDE", port=None, data_dir=data_dir, destinations=(dest,), series_quiet_seconds=None,
+        require_gpu=False,
+    )
+    assert changed.ae_title == "OVERRIDE"
+    assert changed.port == 4242
+    assert changed.data_dir == data_dir
+    assert changed.destinations == (dest,)
+    assert changed.series_quiet_seconds == 2.5
+    assert changed.require_gpu is False  # False is a value, not "not given"
+    assert changed.model == base.model
+    # The original is unchanged (frozen dataclass, a copy is returned).
+    assert base.ae_title == "SCREEN1" and base.require_gpu is True and len(base.destinations) == 4
+    assert base.with_overrides() == base
+    assert base.with_overrides(port=None, ae_title=None) == base
+
+
+def test_with_overrides_validates() -> None:
+    with pytest.raises(ConfigError, match="port"):
+        NodeConfig().with_overrides(port=0)
+    with pytest.raises(ConfigError, match="ae_title"):
+        NodeConfig().with_overrides(ae_title="X" * 17)
+    with pytest.raises(ConfigError, match="series_quiet_seconds"):
+        NodeConfig().with_overrides(series_quiet_seconds=0)

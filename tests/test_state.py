@@ -1,0 +1,329 @@
+"""The SQLite state store: series life cycle, crash recovery, outbox, concurrency."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from node.state import (
+    DONE,
+    FAILED,
+    PENDING,
+    PROCESSING,
+    QUEUED,
+    RECEIVING,
+    REJECTED,
+    SENT,
+    StateStore,
+)
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+SEG = "1.2.840.10008.5.1.4.1.1.66.4"
+SR = "1.2.840.10008.5.1.4.1.1.88.22"
+
+
+@pytest.fixture
+def store(tmp_path: Path):  # noqa: ANN201
+    s = StateStore(tmp_path / "state" / "state.sqlite3")
+    yield s
+    s.close()
+
+
+def record(store: StateStore, sop: str, series: str = "1.2.3", now: float | None = None, study: str = "1.2") -> bool:
+    return store.record_instance(
+        sop_instance_uid=sop,
+        series_uid=series,
+        study_uid=study,
+        sop_class_uid=CT,
+        path=f"/spool/{series}/{sop}.dcm",
+        size=1000,
+        calling_ae="MODALITY",
+        now=now,
+    )
+
+
+def enqueue(store: StateStore, sop: str, destinations: list[str], series: str = "1.2.3", path: str = "") -> None:
+    store.enqueue_result(
+        series_uid=series, sop_instance_uid=sop, sop_class_uid=SEG, path=path or f"/results/{sop}.dcm",
+        destinations=destinations,
+    )
+
+
+# --------------------------------------------------------------------------- instances and series
+
+
+def test_new_database_is_created_in_wal_mode(tmp_path: Path) -> None:
+    path = tmp_path / "deep" / "dir" / "state.sqlite3"
+    store = StateStore(path)
+    assert path.exists()
+    assert store.counts() == {}
+    assert store.get_series("nothing") is None
+    assert store.claim_next_series() is None
+    check = sqlite3.connect(path)
+    assert check.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    check.close()
+    store.close()
+
+
+def test_record_instance_and_duplicates(store: StateStore) -> None:
+    assert record(store, "1.2.3.1", now=100.0) is True
+    assert record(store, "1.2.3.2", now=101.0) is True
+    assert record(store, "1.2.3.1", now=102.0) is False  # the same instance again
+    row = store.get_series("1.2.3")
+    assert row is not None
+    assert row.instance_count == 2
+    assert row.state == RECEIVING
+    assert row.study_uid == "1.2"
+    assert (row.first_received, row.last_received) == (100.0, 102.0)
+    assert store.series_instances("1.2.3") == ["/spool/1.2.3/1.2.3.1.dcm", "/spool/1.2.3/1.2.3.2.dcm"]
+    assert record(store, "9.9.1", series="9.9", now=103.0) is True
+    assert store.get_series("9.9").instance_count == 1
+    assert store.get_series("1.2.3").instance_count == 2
+    assert [r.series_uid for r in store.list_series()] == ["9.9", "1.2.3"]  # most recent first
+    assert store.counts() == {"series_receiving": 2}
+
+
+def test_queue_quiet_series_respects_the_quiet_period(store: StateStore) -> None:
+    record(store, "a.1", series="a", now=1000.0)
+    record(store, "b.1", series="b", now=1000.0)
+    record(store, "b.2", series="b", now=1008.0)
+    assert store.queue_quiet_series(10.0, now=1009.9) == []
+    assert store.queue_quiet_series(10.0, now=1010.0) == ["a"]  # exactly quiet_seconds after the last one
+    assert store.get_series("a").state == QUEUED
+    assert store.get_series("b").state == RECEIVING
+    assert store.queue_quiet_series(10.0, now=1017.9) == []
+    assert store.queue_quiet_series(10.0, now=1018.0) == ["b"]
+    assert store.queue_quiet_series(10.0, now=5000.0) == []  # already queued: not again
+
+
+def test_instance_for_a_queued_series_restarts_the_timer(store: StateStore) -> None:
+    record(store, "a.1", series="a", now=1000.0)
+    assert store.queue_quiet_series(10.0, now=1010.0) == ["a"]
+    record(store, "a.2", series="a", now=1011.0)
+    assert store.get_series("a").state == RECEIVING
+    assert store.queue_quiet_series(10.0, now=1020.0) == []
+    assert store.queue_quiet_series(10.0, now=1021.0) == ["a"]
+
+
+def test_claim_next_series_takes_the_oldest_and_marks_it_processing(store: StateStore) -> None:
+    record(store, "new.1", series="new", now=2000.0)
+    record(store, "old.1", series="old", now=1000.0)
+    store.queue_quiet_series(10.0, now=3000.0)
+    first = store.claim_next_series()
+    assert first is not None and first.series_uid == "old"
+    assert first.state == PROCESSING and first.attempts == 1
+    assert store.get_series("old").state == PROCESSING
+    assert store.get_series("old").updated_at == first.updated_at
+    second = store.claim_next_series()
+    assert second is not None and second.series_uid == "new"
+    assert store.claim_next_series() is None
+    assert store.counts() == {"series_processing": 2}
+
+
+def test_finish_series_sets_the_outcome(store: StateStore) -> None:
+    for series, outcome in (("d", DONE), ("r", REJECTED), ("f", FAILED)):
+        record(store, f"{series}.1", series=series, now=1000.0)
+        store.queue_quiet_series(10.0, now=1010.0)
+        row = store.claim_next_series()
+        assert row.series_uid == series
+        stored = store.finish_series(series, outcome, f"why {series}", row.updated_at)
+        assert stored == outcome
+        assert store.get_series(series).state == outcome
+        assert store.get_series(series).reason == f"why {series}"
+    with pytest.raises(ValueError, match="not an outcome"):
+        store.finish_series("d", PROCESSING, None, 0.0)
+    with pytest.raises(KeyError):
+        store.finish_series("unknown", DONE, None, 0.0)
+
+
+def test_instance_arriving_during_processing_sends_the_series_back_to_receiving(store: StateStore) -> None:
+    record(store, "s.1", series="s", now=1000.0)
+    store.queue_quiet_series(10.0, now=1010.0)
+    row = store.claim_next_series()
+    record(store, "s.2", series="s", now=row.updated_at + 0.5)
+    assert store.get_series("s").state == PROCESSING  # the worker still owns it
+    assert store.get_series("s").instance_count == 2
+    assert store.finish_series("s", DONE, "ok", row.updated_at) == RECEIVING
+    after = store.get_series("s")
+    assert after.state == RECEIVING and after.reason is None
+    # The completion timer restarts from the late instance.
+    assert store.queue_quiet_series(10.0, now=row.updated_at + 10.4) == []
+    assert store.queue_quiet_series(10.0, now=row.updated_at + 10.5) == ["s"]
+    assert store.claim_next_series().attempts == 2
+
+
+def test_instance_committed_after_a_claim_is_never_older_than_the_claim(tmp_path: Path) -> None:
+    """record_instance timestamps under the write lock.
+
+    The listener calls record_instance without ``now``. If its timestamp were
+    taken before waiting for the database lock, an instance committed *after*
+    a claim could carry a time *before* it, and finish_series would mark the
+    series done without that instance.
+    """
+    path = tmp_path / "state.sqlite3"
+    store = StateStore(path)
+    record(store, "s.1", series="s", now=1000.0)
+    blocker = sqlite3.connect(path, isolation_level=None, timeout=30)
+    blocker.execute("BEGIN IMMEDIATE")  # a worker holding the write lock, about to claim
+    listener = threading.Thread(target=record, args=(StateStore(path), "s.2", "s"))
+    listener.start()
+    time.sleep(0.3)  # the listener is now waiting for the lock
+    claimed_at = time.time()
+    blocker.execute("UPDATE series SET state = ?, updated_at = ? WHERE series_uid = ?", (PROCESSING, claimed_at, "s"))
+    blocker.execute("COMMIT")
+    listener.join(timeout=30)
+    assert not listener.is_alive()
+    assert store.get_series("s").instance_count == 2
+    assert store.get_series("s").last_received > claimed_at
+    assert store.finish_series("s", DONE, None, claimed_at) == RECEIVING
+    blocker.close()
+    store.close()
+
+
+def test_instance_for_a_finished_series_reopens_it(store: StateStore) -> None:
+    record(store, "s.1", series="s", now=1000.0)
+    store.queue_quiet_series(10.0, now=1010.0)
+    row = store.claim_next_series()
+    store.finish_series("s", REJECTED, "missing slices", row.updated_at)
+    record(store, "s.1", series="s", now=row.updated_at + 100)  # the same instance sent again
+    after = store.get_series("s")
+    assert after.state == RECEIVING and after.reason is None and after.instance_count == 1
+
+
+def test_requeue_interrupted_after_a_crash(tmp_path: Path) -> None:
+    path = tmp_path / "state.sqlite3"
+    first = StateStore(path)
+    record(first, "p.1", series="p", now=1000.0)
+    record(first, "q.1", series="q", now=1001.0)
+    record(first, "r.1", series="r", now=5000.0)
+    first.queue_quiet_series(10.0, now=1020.0)
+    claimed = first.claim_next_series()
+    assert claimed.series_uid == "p"
+    # Simulated crash: the process is gone without finish_series or close().
+    del first
+
+    second = StateStore(path)
+    assert second.get_series("p").state == PROCESSING
+    assert second.requeue_interrupted() == ["p"]
+    assert second.get_series("p").state == QUEUED
+    assert second.get_series("q").state == QUEUED
+    assert second.get_series("r").state == RECEIVING
+    assert second.requeue_interrupted() == []
+    again = second.claim_next_series()
+    assert again.series_uid == "p" and again.attempts == 2
+    second.close()
+
+
+def test_state_survives_reopening(tmp_path: Path) -> None:
+    path = tmp_path / "state.sqlite3"
+    store = StateStore(path)
+    record(store, "a.1", series="a", now=1000.0)
+    record(store, "a.2", series="a", now=1001.0)
+    store.queue_quiet_series(10.0, now=2000.0)
+    row = store.claim_next_series()
+    store.finish_series("a", DONE, "2 findings", row.updated_at)
+    enqueue(store, "seg.1", ["PACS@h:104"], series="a")
+    store.close()
+
+    reopened = StateStore(path)
+    a = reopened.get_series("a")
+    assert (a.state, a.reason, a.instance_count, a.attempts) == (DONE, "2 findings", 2, 1)
+    assert reopened.series_instances("a") == ["/spool/a/a.1.dcm", "/spool/a/a.2.dcm"]
+    assert [(o.sop_instance_uid, o.destination, o.state) for o in reopened.list_outbox()] == [
+        ("seg.1", "PACS@h:104", PENDING)
+    ]
+    assert record(reopened, "a.1", series="a", now=3000.0) is False  # still known as a duplicate
+    reopened.close()
+
+
+# --------------------------------------------------------------------------- outbox
+
+
+def test_enqueue_is_idempotent_per_object_and_destination(store: StateStore) -> None:
+    enqueue(store, "seg.1", ["A@h:1", "B@h:2"])
+    enqueue(store, "seg.1", ["A@h:1", "B@h:2"])
+    enqueue(store, "seg.1", ["A@h:1"], path="/results/newer.dcm")
+    enqueue(store, "sr.1", ["A@h:1"])
+    items = store.list_outbox()
+    assert sorted((o.sop_instance_uid, o.destination) for o in items) == [
+        ("seg.1", "A@h:1"), ("seg.1", "B@h:2"), ("sr.1", "A@h:1"),
+    ]
+    by_key = {(o.sop_instance_uid, o.destination): o for o in items}
+    assert by_key[("seg.1", "A@h:1")].path == "/results/newer.dcm"  # the latest file wins
+    assert all(o.state == PENDING and o.attempts == 0 for o in items)
+    assert store.counts()["outbox_pending"] == 3
+
+
+def test_due_outbox_honours_next_attempt_and_mark_sent(store: StateStore) -> None:
+    enqueue(store, "seg.1", ["A@h:1"])
+    enqueue(store, "sr.1", ["A@h:1"])
+    now = time.time() + 1
+    due = store.due_outbox(now)
+    assert [o.sop_instance_uid for o in due] == ["seg.1", "sr.1"]
+    seg, sr = due
+
+    store.mark_attempt_failed(seg.id, "0xA700", "out of resources", retry_at=now + 60)
+    assert [o.sop_instance_uid for o in store.due_outbox(now)] == ["sr.1"]
+    assert store.due_outbox(now + 59.9, limit=10)[0].sop_instance_uid == "sr.1"
+    assert [o.sop_instance_uid for o in store.due_outbox(now + 60)] == ["seg.1", "sr.1"]
+    failed = {o.id: o for o in store.list_outbox()}[seg.id]
+    assert (failed.attempts, failed.last_status, failed.last_error, failed.state) == (
+        1, "0xA700", "out of resources", PENDING,
+    )
+
+    store.mark_sent(sr.id, "0x0000")
+    assert [o.sop_instance_uid for o in store.due_outbox(now + 1000)] == ["seg.1"]
+    sent = {o.id: o for o in store.list_outbox()}[sr.id]
+    assert sent.state == SENT and sent.last_status == "0x0000" and sent.sent_at is not None
+    assert sent.attempts == 1 and sent.last_error is None
+    assert store.counts()["outbox_sent"] == 1 and store.counts()["outbox_pending"] == 1
+    assert len(store.due_outbox(now + 1000, limit=1)) == 1
+
+
+def test_due_outbox_groups_by_destination(store: StateStore) -> None:
+    enqueue(store, "seg.1", ["B@h:2", "A@h:1"])
+    enqueue(store, "sr.1", ["B@h:2", "A@h:1"])
+    due = store.due_outbox(time.time() + 1)
+    assert [(o.destination, o.sop_instance_uid) for o in due] == [
+        ("A@h:1", "seg.1"), ("A@h:1", "sr.1"), ("B@h:2", "seg.1"), ("B@h:2", "sr.1"),
+    ]
+
+
+# --------------------------------------------------------------------------- concurrency
+
+
+def test_concurrent_record_instance_loses_nothing(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "state.sqlite3")
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(4)
+
+    def receive(thread: int) -> None:
+        try:
+            barrier.wait()
+            for i in range(50):
+                assert record(store, f"1.2.3.{thread}.{i}", series="shared") is True
+                if i % 10 == 0:  # and one series per thread, interleaved
+                    record(store, f"9.{thread}.{i}", series=f"own.{thread}")
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=receive, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    assert errors == []
+    shared = store.get_series("shared")
+    assert shared.instance_count == 200
+    assert len(store.series_instances("shared")) == 200
+    for t in range(4):
+        assert store.get_series(f"own.{t}").instance_count == 5
+    check = sqlite3.connect(tmp_path / "state.sqlite3")
+    assert check.execute("SELECT COUNT(*) FROM instances").fetchone()[0] == 220
+    check.close()
+    store.close()

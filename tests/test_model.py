@@ -99,7 +99,7 @@ def test_committed_manifest_validates() -> None:
     m = ModelManifest.from_dict(manifest_data(), str(MANIFEST))
     assert m.id == "body-lungs"
     assert m.artifact_file == "body_lungs.onnx"
-    assert m.channels == ("air", "lung", "tissue")
+    assert m.channels == ("air", "lung", "tissue", "edge")
     assert m.activation == "softmax"
     assert m.target_spacing_mm == (3.0, 3.0, 3.0)
     assert [s.label for s in m.segments] == ["Body", "Lungs"]
@@ -192,7 +192,7 @@ def test_bundle_loads_and_verifies_sha256() -> None:
     data = manifest_data()
     assert sha256_file(b.model_path) == data["artifact"]["sha256"] == b.manifest.sha256
     assert b.provider == "CPUExecutionProvider"
-    assert b.key == f"body-lungs@1.0.0+{data['artifact']['sha256'][:16]}"
+    assert b.key == f"body-lungs@{data['version']}+{data['artifact']['sha256'][:16]}"
     identity = b.algorithm_identity("9.9")
     assert identity.name == "body-lungs" and identity.software_version == "9.9"
     assert identity.device_uid == b.algorithm_identity("other").device_uid  # tied to the model, not the node
@@ -283,7 +283,7 @@ def test_predict_checks_its_input() -> None:
     with pytest.raises(ModelError, match="float32 NCZYX"):
         b.predict(np.zeros((4, 4, 4), dtype=np.float32))
     out = b.predict(np.zeros((1, 1, 4, 5, 6), dtype=np.float32))
-    assert out.shape == (1, 3, 4, 5, 6)
+    assert out.shape == (1, len(manifest_data()["output"]["channels"]), 4, 5, 6)
     np.testing.assert_allclose(out.sum(axis=1), 1.0, atol=1e-5)  # softmax over channels
 
 

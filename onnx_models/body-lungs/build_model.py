@@ -8,21 +8,23 @@ Graph (input ``ct``: float32 [N, 1, Z, Y, X], HU / 1000 after clipping):
 
 1. ``AveragePool`` 3x3x3 (pads 1, pad excluded from the mean) of x and of
    x*x: the local mean s, which suppresses CT noise, and the local standard
-   deviation d = sqrt(mean(x^2) - s^2), a texture feature.
-2. ``Conv`` 1x1x1 over (s, d), three output channels: linear logits
-     air    k * (-0.92 - s)
-     lung   k2 * (0.15 - d)
-     tissue k * (s + 0.45)
-   so that dense voxels (s >= -0.45: fat, soft tissue, bone) are tissue,
-   very dark ones (s < -0.92) are air, and the aerated lung is what lies in
-   between *and* is locally homogeneous. The partial-volume rim around bowel
-   gas or the skin has lung-like means but a high local deviation (about
-   250-400 HU against 50-100 HU in lung parenchyma at 3 mm), so it is not lung.
-3. ``Softmax`` over channels: probabilities, sharpened by k and k2.
+   deviation d = sqrt(mean(x^2) - s^2), a texture feature; and
+   w = |s - LUNG_CENTRE|, the distance from the density of aerated lung.
+2. ``Conv`` 1x1x1 over (s, d, w), four output channels: linear logits
+     air    ka * (AIR_BOUNDARY - s)
+     lung   kd * (LUNG_MAX_DEVIATION - d) + kw * (LUNG_HALF_WIDTH - w)
+     tissue k * (s - TISSUE_BOUNDARY)
+     edge   kd * (d - LUNG_MAX_DEVIATION)
+   Dense voxels (fat, soft tissue, bone) are tissue; pure air (outside the
+   body, bowel gas: about -1000 HU and homogeneous) is air; aerated lung
+   (about -850 HU, locally homogeneous at 3 mm: 50-100 HU deviation) is lung;
+   the partial-volume rims around gas and at the skin, whose mean is lung-like
+   but whose deviation is 250-400 HU, are edge and never lung.
+3. ``Softmax`` over channels: probabilities.
 
 The node's post-processing (manifest ``segments``) turns these channels into
-the Body (tissue or lung, largest component, holes filled) and the Lungs (lung
-channel inside the body, large components only).
+the Body (tissue or edge, largest component, holes filled per slice) and the
+Lungs (lung channel inside the body, components of at least 20 cm3).
 
 Run ``python onnx_models/body-lungs/build_model.py`` to regenerate
 ``body_lungs.onnx``; the output is byte-for-byte deterministic, so its sha256
@@ -45,14 +47,19 @@ HERE = Path(__file__).resolve().parent
 MODEL_FILE = HERE / "body_lungs.onnx"
 MANIFEST_FILE = HERE / "manifest.json"
 
-#: Boundaries in HU / 1000 between the air, lung and tissue channels.
-AIR_LUNG_BOUNDARY = -0.95
-LUNG_TISSUE_BOUNDARY = -0.45
-#: Local standard deviation (HU / 1000) above which a voxel is not lung parenchyma.
+# Densities are HU / 1000.
+AIR_BOUNDARY = -0.93
+TISSUE_BOUNDARY = -0.45
+LUNG_CENTRE = -0.83
+LUNG_HALF_WIDTH = 0.12
+#: Local standard deviation above which a voxel is an edge, not lung parenchyma.
 LUNG_MAX_DEVIATION = 0.20
-#: Logit slopes: 40 per 1000 HU gives p > 0.98 100 HU away from a boundary.
-SHARPNESS = 40.0
-TEXTURE_SHARPNESS = 40.0
+#: Logit slopes: with these, air wins over lung below about -960 HU for
+#: homogeneous voxels and lung wins from about -950 to -710 HU.
+AIR_SLOPE = 150.0
+TISSUE_SLOPE = 40.0
+DEVIATION_SLOPE = 40.0
+WINDOW_SLOPE = 60.0
 #: onnxruntime 1.31 reads IR version <= 13; the onnx package writes newer by default.
 IR_VERSION = 8
 OPSET = 17
@@ -60,12 +67,17 @@ OPSET = 17
 
 def build_model() -> onnx.ModelProto:
     """Return the constructed ONNX model (deterministic)."""
-    k, k2 = SHARPNESS, TEXTURE_SHARPNESS
-    # Rows: output channel (air, lung, tissue); columns: input feature (s, d).
-    weights = np.asarray([[-k, 0.0], [0.0, -k2], [k, 0.0]], dtype=np.float32).reshape(3, 2, 1, 1, 1)
+    ka, k, kd, kw = AIR_SLOPE, TISSUE_SLOPE, DEVIATION_SLOPE, WINDOW_SLOPE
+    # Rows: output channel (air, lung, tissue, edge); columns: features (s, d, w).
+    weights = np.asarray(
+        [[-ka, 0.0, 0.0], [0.0, -kd, -kw], [k, 0.0, 0.0], [0.0, kd, 0.0]], dtype=np.float32
+    ).reshape(4, 3, 1, 1, 1)
     bias = np.asarray(
-        [k * AIR_LUNG_BOUNDARY, k2 * LUNG_MAX_DEVIATION, -k * LUNG_TISSUE_BOUNDARY], dtype=np.float32
+        [ka * AIR_BOUNDARY, kd * LUNG_MAX_DEVIATION + kw * LUNG_HALF_WIDTH, -k * TISSUE_BOUNDARY,
+         -kd * LUNG_MAX_DEVIATION],
+        dtype=np.float32,
     )
+    centre = numpy_helper.from_array(np.asarray([LUNG_CENTRE], dtype=np.float32), "lung_centre")
     pool = dict(kernel_shape=[3, 3, 3], pads=[1, 1, 1, 1, 1, 1], strides=[1, 1, 1], count_include_pad=0)
     nodes = [
         helper.make_node("AveragePool", ["ct"], ["mean"], name="local_mean", **pool),
@@ -76,7 +88,9 @@ def build_model() -> onnx.ModelProto:
         # Rounding can make the variance slightly negative: clamp before the root.
         helper.make_node("Relu", ["variance_raw"], ["variance_clamped"], name="clamp_variance"),
         helper.make_node("Sqrt", ["variance_clamped"], ["deviation"], name="local_deviation"),
-        helper.make_node("Concat", ["mean", "deviation"], ["features"], axis=1, name="features"),
+        helper.make_node("Sub", ["mean", "lung_centre"], ["offset"], name="offset_from_lung"),
+        helper.make_node("Abs", ["offset"], ["window"], name="distance_from_lung"),
+        helper.make_node("Concat", ["mean", "deviation", "window"], ["features"], axis=1, name="features"),
         helper.make_node("Conv", ["features", "W", "B"], ["logits"], kernel_shape=[1, 1, 1], name="classes"),
         helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1, name="softmax"),
     ]
@@ -84,14 +98,14 @@ def build_model() -> onnx.ModelProto:
         nodes,
         "body_lungs",
         inputs=[helper.make_tensor_value_info("ct", TensorProto.FLOAT, ["N", 1, "Z", "Y", "X"])],
-        outputs=[helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 3, "Z", "Y", "X"])],
-        initializer=[numpy_helper.from_array(weights, "W"), numpy_helper.from_array(bias, "B")],
+        outputs=[helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 4, "Z", "Y", "X"])],
+        initializer=[numpy_helper.from_array(weights, "W"), numpy_helper.from_array(bias, "B"), centre],
     )
     model = helper.make_model(
         graph,
         opset_imports=[helper.make_opsetid("", OPSET)],
         producer_name="pacs-ai-node onnx_models/body-lungs/build_model.py",
-        producer_version="1.0.0",
+        producer_version="1.1.0",
         doc_string="Constructed (not trained) body and lung segmentation reference model. Not a clinical model.",
     )
     model.ir_version = IR_VERSION

@@ -27,7 +27,6 @@ from pipelines.volume import CT_SOP_CLASSES
 
 LOG = logging.getLogger(__name__)
 
-LEGACY_CONVERTED_ENHANCED_CT = UID("1.2.840.10008.5.1.4.1.1.2.2")
 ACCEPTED_SOP_CLASSES = frozenset(CT_SOP_CLASSES)
 
 # C-STORE statuses (PS3.4 Table B.2-1 and PS3.7 Annex C).
@@ -156,13 +155,13 @@ class Listener:
         self.ae.acse_timeout = config.network_timeout_s
         self.ae.add_supported_context(Verification)
         ct_syntaxes = decodable_transfer_syntaxes()
-        for uid in (*sorted(ACCEPTED_SOP_CLASSES), LEGACY_CONVERTED_ENHANCED_CT):
+        for uid in sorted(ACCEPTED_SOP_CLASSES):
             self.ae.add_supported_context(uid, ct_syntaxes)
         # Other storage SOP classes are accepted at negotiation so that a PACS
         # pushing a whole study keeps its association, and then refused one by
         # one with 0x0122 and a logged reason.
         for context in StoragePresentationContexts:
-            if context.abstract_syntax not in ACCEPTED_SOP_CLASSES | {LEGACY_CONVERTED_ENHANCED_CT}:
+            if context.abstract_syntax not in ACCEPTED_SOP_CLASSES:
                 self.ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         self.handler = StoreHandler(config, spool, state)
         self.server: Any = None

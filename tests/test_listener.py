@@ -12,7 +12,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 
-from conftest import DATA, abdomen_files, storescu
+from conftest import DATA, abdomen_files, dcmtk, storescu
 
 CT_SMALL = DATA / "single-slices" / "CT_small.dcm"
 
@@ -158,3 +158,33 @@ def test_series_list_shows_rejection_reason(start_node, tmp_path: Path) -> None:
 
     out = wait_for(listing, 60, what="series rejected")
     assert "missing slices" in out
+
+
+def test_compressed_transfer_syntaxes_stored_byte_for_byte(node, tmp_path: Path) -> None:
+    """JPEG lossless and RLE files made by DCMTK from the real series arrive unchanged."""
+    source = abdomen_files()[0]
+    jpeg = tmp_path / "jpeg-lossless.dcm"
+    rle = tmp_path / "rle.dcm"
+    for tool, out in (("dcmcjpeg", jpeg), ("dcmcrle", rle)):
+        made = subprocess.run([dcmtk(tool), str(source), str(out)], capture_output=True, text=True, timeout=60)
+        assert made.returncode == 0, made.stderr
+    # Each file keeps its own instance in the spool: give them distinct SOP Instance UIDs.
+    files = []
+    for i, path in enumerate((jpeg, rle)):
+        ds = pydicom.dcmread(path)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"1.2.826.0.1.3680043.10.1.{i + 1}"
+        ds.save_as(tmp_path / f"send-{i}.dcm", enforce_file_format=True)
+        files.append(tmp_path / f"send-{i}.dcm")
+    # storescu offers only uncompressed syntaxes unless told: -xs proposes JPEG
+    # lossless SV1, -xr RLE (otherwise it would have to decompress).
+    for path, option in zip(files, ("-xs", "-xr")):
+        sent = storescu(node.port, [path], extra=[option])
+        assert sent.returncode == 0, sent.stderr
+    for path in files:
+        ds = pydicom.dcmread(path)
+        stored, = (node.data_dir / "spool").rglob(f"{ds.SOPInstanceUID}.dcm")
+        back = pydicom.dcmread(stored)
+        assert back.file_meta.TransferSyntaxUID == ds.file_meta.TransferSyntaxUID
+        assert back.file_meta.TransferSyntaxUID.is_compressed
+        assert back.PixelData == ds.PixelData
+        assert back.pixel_array.shape == ds.pixel_array.shape  # decodable by the node's pydicom plugins

@@ -167,7 +167,7 @@ def _orientation(value: Sequence[float] | None, where: str) -> tuple[np.ndarray,
 
 
 def _sort_and_check_positions(
-    positions: list[np.ndarray], normal: np.ndarray, slice_thickness: float | None
+    positions: list[np.ndarray], normal: np.ndarray
 ) -> tuple[np.ndarray, float]:
     """Order slices along ``normal``; reject duplicates, gaps and uneven spacing."""
     if len(positions) < 2:
@@ -198,7 +198,6 @@ def _sort_and_check_positions(
     offsets = np.diff(sorted_pos, axis=0) - np.outer(steps, normal)
     if np.max(np.linalg.norm(offsets, axis=1)) > 0.05 * spacing + 1e-3:
         raise SeriesRejected("slice positions are not along the image normal (gantry tilt or sheared stack)")
-    del slice_thickness
     return order, spacing
 
 
@@ -237,7 +236,7 @@ def _build_classic(datasets: list[Dataset]) -> CTVolume:
         if ipp is None or len(ipp) != 3:
             raise SeriesRejected(f"instance {i + 1}: Image Position (Patient) missing")
         positions.append(np.asarray([float(v) for v in ipp]))
-    order, spacing = _sort_and_check_positions(positions, normal, None)
+    order, spacing = _sort_and_check_positions(positions, normal)
     ordered = [datasets[i] for i in order]
     hu = np.empty((len(ordered), rows, cols), dtype=np.float32)
     for k, ds in enumerate(ordered):
@@ -299,7 +298,7 @@ def _build_enhanced(ds: Dataset) -> CTVolume:
         slope = float(getattr(transform, "RescaleSlope", 1) or 1) if transform is not None else 1.0
         intercept = float(getattr(transform, "RescaleIntercept", 0) or 0) if transform is not None else 0.0
         transforms.append((slope, intercept))
-    order, spacing = _sort_and_check_positions(positions, normal, None)
+    order, spacing = _sort_and_check_positions(positions, normal)
     pixels = _pixel_array(ds, "Enhanced CT")
     if n_frames == 1:
         pixels = pixels[np.newaxis]

@@ -74,6 +74,11 @@ class NodeConfig:
     min_free_disk_mb: int = 500
     network_timeout_s: float = 60.0
     series_quiet_seconds: float = 10.0
+    complete_on_release: bool = True
+    rules_file: Path | None = None
+    http_port: int = 8080
+    http_bind_address: str = "0.0.0.0"
+    stow_max_request_mb: int = 4096
     destinations: tuple[Destination, ...] = ()
     send_retry_initial_s: float = 5.0
     send_retry_max_s: float = 300.0
@@ -96,6 +101,10 @@ class NodeConfig:
                      "network_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.http_port < 65536:
+            raise ConfigError(f"http_port: {self.http_port} out of range 0-65535 (0 = no HTTP port)")
+        if self.stow_max_request_mb < 1:
+            raise ConfigError(f"stow_max_request_mb: must be >= 1, got {self.stow_max_request_mb}")
         if self.max_associations < 1:
             raise ConfigError(f"max_associations: must be >= 1, got {self.max_associations}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -125,7 +134,8 @@ class NodeConfig:
 _SECTIONS = {
     "node": {"ae_title", "port", "bind_address", "data_dir", "allowed_calling_ae_titles", "max_pdu_size",
              "max_associations", "min_free_disk_mb", "network_timeout_s", "log_level"},
-    "series": {"series_quiet_seconds"},
+    "http": {"http_port", "http_bind_address", "stow_max_request_mb"},
+    "series": {"series_quiet_seconds", "complete_on_release", "rules_file"},
     "send": {"destinations", "send_retry_initial_s", "send_retry_max_s", "send_connect_timeout_s"},
     "models": {"models_dir", "model", "require_gpu"},
     "results": {"research_notice"},
@@ -142,7 +152,9 @@ def _is_ipv6(host: str) -> bool:
 
 def _coerce(key: str, value: Any, base: Path) -> Any:
     default = getattr(NodeConfig, key, None)
-    if key in ("data_dir", "models_dir"):
+    if key == "rules_file" and value == "":
+        return None  # the built-in default rules
+    if key in ("data_dir", "models_dir", "rules_file"):
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{key}: expected a path string, got {value!r}")
         path = Path(value).expanduser()

@@ -1,40 +1,73 @@
 """The DICOM listener: Verification and CT storage, durable before success.
 
-The C-STORE handler is thin on purpose: it checks the header, writes the
-received bytes durably, records them in the state store, and returns a DICOM
-status (PS3.4 Table B.2-1). No decoding of pixels, no inference, no network
-calls happen here.
+A lean DICOM Upper Layer acceptor (PS3.8) built for one job: receive C-STOREs
+fast. Association negotiation uses pynetdicom's PDU and primitive classes and
+its presentation-context negotiation; the data path is ours: one thread per
+association reading PDUs with blocking socket calls, P-DATA fragments written
+straight into the spool file as they arrive, and the response sent as soon as
+the instance is fsynced and recorded. pynetdicom's own association machinery
+hands every PDU across three threads and polls with sleeps, which costs more
+than the disk (see tests/benchmarks/intake_throughput.py).
+
+What is accepted: Verification, and CT / Enhanced CT in every transfer syntax
+the installed pydicom pixel-data plugins decode. Contexts for every other
+storage SOP class are accepted too, so that a PACS pushing a whole study keeps
+its association, and each such instance is then refused with 0x0122.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 import socket
+import ssl
+import struct
+import threading
+import time
+import uuid
 from io import BytesIO
 from typing import Any
 
-import pydicom
+from pydicom.dataset import Dataset
 from pydicom.uid import UID
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom import ALL_TRANSFER_SYNTAXES
+from pynetdicom.dsutils import decode, encode
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    ImplementationClassUIDNotification,
+    ImplementationVersionNameNotification,
+    MaximumLengthNotification,
+    SCP_SCU_RoleSelectionNegotiation,
+)
+from pynetdicom.presentation import PresentationContext, StoragePresentationContexts, negotiate_as_acceptor
 from pynetdicom.sop_class import Verification
-from pynetdicom.presentation import StoragePresentationContexts
 
 from node.config import NodeConfig
-from node.spool import Spool, SpoolError, check_uid
-from node.state import StateStore
-from pipelines.volume import CT_SOP_CLASSES
+from node.intake import (
+    ACCEPTED_SOP_CLASSES,
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    SUCCESS,
+    Intake,
+    IncomingInstance,
+)
 
 LOG = logging.getLogger(__name__)
 
-ACCEPTED_SOP_CLASSES = frozenset(CT_SOP_CLASSES)
-
-# C-STORE statuses (PS3.4 Table B.2-1 and PS3.7 Annex C).
-SUCCESS = 0x0000
-SOP_CLASS_NOT_SUPPORTED = 0x0122
-OUT_OF_RESOURCES = 0xA700
-DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
-CANNOT_UNDERSTAND = 0xC000
+APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
+# PDU types (PS3.8 9.3)
+ASSOCIATE_RQ, ASSOCIATE_AC, ASSOCIATE_RJ, P_DATA_TF, RELEASE_RQ, RELEASE_RP, ABORT = 1, 2, 3, 4, 5, 6, 7
+#: Largest PDU read when the node announces "unlimited" (max_pdu_size = 0).
+HARD_PDU_LIMIT = 64 * 1024 * 1024
+# DIMSE command fields (PS3.7 E.1)
+C_STORE_RQ, C_ECHO_RQ = 0x0001, 0x0030
+NO_DATASET = 0x0101
+UNRECOGNIZED_OPERATION = 0x0211
+# (result, source, diagnostic) of A-ASSOCIATE-RJ (PS3.8 9.3.4)
+RJ_CALLED_AE = (1, 1, 7)
+RJ_CALLING_AE = (1, 1, 3)
+RJ_APPLICATION_CONTEXT = (1, 1, 2)
+RJ_LOCAL_LIMIT = (2, 3, 2)
 
 
 def decodable_transfer_syntaxes() -> list[str]:
@@ -52,149 +85,404 @@ def decodable_transfer_syntaxes() -> list[str]:
     return out
 
 
-def set_tcp_nodelay(event: evt.Event) -> None:
-    """Disable Nagle's algorithm: without it every C-STORE to or from DCMTK or
-    Orthanc stalls 45-90 ms waiting for a delayed ACK."""
-    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
-    if sock is not None:
+def supported_contexts() -> list[PresentationContext]:
+    """What the node accepts at negotiation (first acceptable proposed transfer syntax wins)."""
+    contexts = []
+
+    def add(abstract: str, syntaxes: list[str]) -> None:
+        cx = PresentationContext()
+        cx.abstract_syntax = UID(abstract)
+        cx.transfer_syntax = [UID(s) for s in syntaxes]
+        contexts.append(cx)
+
+    add(Verification, ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"])
+    ct_syntaxes = decodable_transfer_syntaxes()
+    for uid in sorted(ACCEPTED_SOP_CLASSES):
+        add(uid, ct_syntaxes)
+    for context in StoragePresentationContexts:
+        if context.abstract_syntax not in ACCEPTED_SOP_CLASSES:
+            add(context.abstract_syntax, list(ALL_TRANSFER_SYNTAXES))
+    return contexts
+
+
+class AssociationClosed(Exception):
+    """The peer closed the connection, aborted, or broke the protocol."""
+
+
+def command_set(fields: dict[str, Any]) -> bytes:
+    """Encode a DIMSE command set (implicit VR little endian, with its group length)."""
+    ds = Dataset()
+    for keyword, value in fields.items():
+        setattr(ds, keyword, value)
+    body = encode(ds, True, True)
+    assert body is not None
+    return struct.pack("<HHII", 0x0000, 0x0000, 4, len(body)) + body
+
+
+class Association(threading.Thread):
+    """One accepted connection: negotiation, then C-STOREs and C-ECHOs until release or abort."""
+
+    def __init__(self, server: "DicomServer", sock: socket.socket, address: tuple[str, int]) -> None:
+        super().__init__(name=f"assoc-{address[0]}:{address[1]}", daemon=True)
+        self.server = server
+        self.config = server.config
+        self.sock = sock
+        self.address = address
+        self.id = uuid.uuid4().hex
+        self.calling_ae = "?"
+        self.established = False
+        self.peer_max_pdu = 0
+        self.contexts: dict[int, tuple[str, str]] = {}  # context id -> (abstract syntax, transfer syntax)
+        self.stored = self.refused = 0
+        self._incoming: IncomingInstance | None = None
+        self._command = bytearray()
+        self._request: Dataset | None = None
+        self._dataset_context = 0
+
+    # -- socket ---------------------------------------------------------------
+
+    def _read_exact(self, n: int) -> bytearray:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            k = self.sock.recv_into(view[got:], n - got)
+            if k == 0:
+                raise AssociationClosed("connection closed by the peer")
+            got += k
+        return buf
+
+    def _read_pdu(self) -> tuple[int, bytearray]:
+        head = self._read_exact(6)
+        pdu_type, length = head[0], struct.unpack_from(">I", head, 2)[0]
+        limit = self.config.max_pdu_size + 6 if self.config.max_pdu_size and self.established else HARD_PDU_LIMIT
+        if length > limit:
+            self._abort(2, 6)  # invalid PDU parameter value
+            raise AssociationClosed(f"PDU of {length} bytes exceeds the limit of {limit}")
+        return pdu_type, head + self._read_exact(length) if pdu_type == ASSOCIATE_RQ else self._read_exact(length)
+
+    def _abort(self, source: int = 2, reason: int = 0) -> None:
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError as exc:  # a socket closed under us: nothing to tune
-            LOG.debug("TCP_NODELAY not set: %s", exc)
+            self.sock.sendall(struct.pack(">BBIBBBB", ABORT, 0, 4, 0, 0, source, reason))
+        except OSError:
+            pass
 
+    def abort(self) -> None:
+        """Abort from another thread (shutdown): A-ABORT, then close the socket."""
+        self._abort(0, 0)
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
-class StoreHandler:
-    """Turns a C-STORE request into a durable spool entry and a status."""
+    def _send_message(self, context_id: int, command: bytes) -> None:
+        """Send a command-only DIMSE message in as many P-DATA-TF PDUs as the peer's maximum allows."""
+        step = self.peer_max_pdu - 6 if self.peer_max_pdu else len(command)
+        step = max(step, 1)
+        out = bytearray()
+        for start in range(0, len(command), step):
+            fragment = command[start:start + step]
+            last = start + step >= len(command)
+            out += struct.pack(">BBIIBB", P_DATA_TF, 0, len(fragment) + 6, len(fragment) + 2, context_id,
+                               0x03 if last else 0x01)
+            out += fragment
+        self.sock.sendall(out)
 
-    def __init__(self, config: NodeConfig, spool: Spool, state: StateStore) -> None:
-        self.config = config
-        self.spool = spool
-        self.state = state
+    # -- life cycle -----------------------------------------------------------
 
-    def _refuse(self, status: int, reason: str, event: evt.Event) -> int:
+    def run(self) -> None:
+        released = False
+        started = time.monotonic()
+        try:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.sock.settimeout(self.config.network_timeout_s)
+            if self.server.ssl_context is not None:
+                self.sock = self.server.ssl_context.wrap_socket(self.sock, server_side=True)
+            if self._negotiate():
+                released = self._serve()
+        except (AssociationClosed, OSError, ssl.SSLError) as exc:
+            if self.established:
+                LOG.warning("association from %s (%s) ended abnormally: %s", self.calling_ae, self.address[0], exc)
+            else:
+                LOG.info("connection from %s closed before an association: %s", self.address[0], exc)
+        except Exception:  # a bug must cost one association, not the listener
+            LOG.exception("association from %s failed with an internal error", self.calling_ae)
+            self._abort(2, 0)
+        finally:
+            if self._incoming is not None:
+                self._incoming.discard()
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+            if self.established:
+                LOG.info(
+                    "association from %s (%s) %s after %.1f s: %d instances stored, %d refused",
+                    self.calling_ae, self.address[0], "released" if released else "aborted",
+                    time.monotonic() - started, self.stored, self.refused,
+                )
+                try:
+                    self.server.intake.association_ended(self.id, released)
+                except Exception:  # the quiet timer remains the fallback
+                    LOG.exception("could not evaluate the series of association %s", self.id)
+            self.server.forget(self)
+
+    def _reject(self, verdict: tuple[int, int, int], rq: A_ASSOCIATE, why: str) -> None:
+        result, source, diagnostic = verdict
+        primitive = A_ASSOCIATE()
+        primitive.result, primitive.result_source, primitive.diagnostic = result, source, diagnostic
+        pdu = A_ASSOCIATE_RJ()
+        pdu.from_primitive(primitive)
+        self.sock.sendall(pdu.encode())
         LOG.warning(
-            "C-STORE refused (0x%04X) from %s: %s",
-            status,
-            event.assoc.requestor.ae_title,
-            reason,
+            "association from %s (calling AE %s, called AE %s) rejected: %s",
+            self.address[0], rq.calling_ae_title, rq.called_ae_title, why,
         )
-        return status
 
-    def __call__(self, event: evt.Event) -> int:
-        sop_class = UID(event.context.abstract_syntax)
-        if sop_class not in ACCEPTED_SOP_CLASSES:
-            return self._refuse(SOP_CLASS_NOT_SUPPORTED, f"SOP class {sop_class.name} is not accepted", event)
-        free = shutil.disk_usage(self.spool.root).free
-        if free < self.config.min_free_disk_mb * 1024 * 1024:
-            return self._refuse(
-                OUT_OF_RESOURCES, f"free disk {free // 2**20} MiB below {self.config.min_free_disk_mb} MiB", event
+    def _negotiate(self) -> bool:
+        pdu_type, data = self._read_pdu()
+        if pdu_type != ASSOCIATE_RQ:
+            self._abort(2, 2)  # unexpected PDU
+            raise AssociationClosed(f"expected A-ASSOCIATE-RQ, got PDU type {pdu_type}")
+        pdu = A_ASSOCIATE_RQ()
+        pdu.decode(bytes(data))
+        rq = pdu.to_primitive()
+        self.calling_ae = str(rq.calling_ae_title).strip()
+        called = str(rq.called_ae_title).strip()
+        if rq.application_context_name != APPLICATION_CONTEXT:
+            self._reject(RJ_APPLICATION_CONTEXT, rq, f"application context {rq.application_context_name}")
+            return False
+        if called != self.config.ae_title:
+            self._reject(RJ_CALLED_AE, rq, f"called AE title is not {self.config.ae_title}")
+            return False
+        allowed = self.config.allowed_calling_ae_titles
+        if allowed and self.calling_ae not in allowed:
+            self._reject(RJ_CALLING_AE, rq, "calling AE title not in the allow-list")
+            return False
+        if not self.server.admit(self):
+            self._reject(RJ_LOCAL_LIMIT, rq, f"{self.config.max_associations} associations already active")
+            return False
+        self.peer_max_pdu = rq.maximum_length_received or 0
+        roles = {
+            item.sop_class_uid: (item.scu_role, item.scp_role)
+            for item in rq.user_information
+            if isinstance(item, SCP_SCU_RoleSelectionNegotiation)
+        }
+        results, role_items = negotiate_as_acceptor(
+            rq.presentation_context_definition_list, self.server.contexts, roles or None
+        )
+        for cx in results:
+            if cx.result == 0 and cx.context_id is not None:
+                self.contexts[cx.context_id] = (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+        ac = A_ASSOCIATE()
+        ac.application_context_name = UID(APPLICATION_CONTEXT)
+        ac.calling_ae_title = rq.calling_ae_title
+        ac.called_ae_title = rq.called_ae_title
+        ac.result, ac.result_source = 0x00, 0x01
+        ac.presentation_context_definition_results_list = results
+        max_length = MaximumLengthNotification()
+        max_length.maximum_length_received = self.config.max_pdu_size
+        class_uid = ImplementationClassUIDNotification()
+        class_uid.implementation_class_uid = UID(IMPLEMENTATION_CLASS_UID)
+        version = ImplementationVersionNameNotification()
+        version.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+        ac.user_information = [max_length, class_uid, version, *role_items]
+        out = A_ASSOCIATE_AC()
+        out.from_primitive(ac)
+        self.sock.sendall(out.encode())
+        self.established = True
+        LOG.debug("association %s from %s accepted with %d contexts", self.id, self.calling_ae, len(self.contexts))
+        return True
+
+    def _serve(self) -> bool:
+        """Handle PDUs until release (True) or abort (raises / False)."""
+        while True:
+            pdu_type, data = self._read_pdu()
+            if pdu_type == P_DATA_TF:
+                self._p_data(data)
+            elif pdu_type == RELEASE_RQ:
+                self.sock.sendall(struct.pack(">BBII", RELEASE_RP, 0, 4, 0))
+                return True
+            elif pdu_type == ABORT:
+                raise AssociationClosed("aborted by the peer")
+            else:
+                self._abort(2, 2)
+                raise AssociationClosed(f"unexpected PDU type {pdu_type}")
+
+    # -- DIMSE ----------------------------------------------------------------
+
+    def _p_data(self, data: bytearray) -> None:
+        view = memoryview(data)
+        offset, end = 0, len(data)
+        while offset < end:
+            length = struct.unpack_from(">I", data, offset)[0]
+            if length < 2 or offset + 4 + length > end:
+                self._abort(2, 6)
+                raise AssociationClosed("malformed presentation data value item")
+            context_id, control = data[offset + 4], data[offset + 5]
+            fragment = view[offset + 6:offset + 4 + length]
+            offset += 4 + length
+            if context_id not in self.contexts:
+                self._abort(2, 6)
+                raise AssociationClosed(f"data on presentation context {context_id}, which was not accepted")
+            if control & 0x01:
+                self._command += fragment
+                if control & 0x02:
+                    self._on_command(context_id)
+            else:
+                self._on_dataset_fragment(context_id, fragment, last=bool(control & 0x02))
+
+    def _on_command(self, context_id: int) -> None:
+        request = decode(BytesIO(bytes(self._command)), True, True)
+        self._command.clear()
+        field = int(request.get("CommandField", 0))
+        has_dataset = int(request.get("CommandDataSetType", NO_DATASET)) != NO_DATASET
+        if field == C_ECHO_RQ:
+            self._respond(context_id, request, 0x8030, SUCCESS)
+        elif field == C_STORE_RQ and has_dataset:
+            abstract, syntax = self.contexts[context_id]
+            sop_class = str(request.get("AffectedSOPClassUID", "")).rstrip("\0 ")
+            if sop_class != abstract:
+                LOG.warning("C-STORE on context %d names SOP class %s, the context %s", context_id, sop_class, abstract)
+            self._request, self._dataset_context = request, context_id
+            self._incoming = self.server.intake.begin(
+                sop_class_uid=abstract,
+                sop_instance_uid=str(request.get("AffectedSOPInstanceUID", "")).rstrip("\0 "),
+                transfer_syntax=syntax,
+                source=self.calling_ae,
+                association=self.id,
             )
-        try:
-            data = event.encoded_dataset(include_meta=True)
-            ds = pydicom.dcmread(BytesIO(data))
-            study = check_uid(ds.get("StudyInstanceUID"), "Study Instance UID")
-            series = check_uid(ds.get("SeriesInstanceUID"), "Series Instance UID")
-            sop = check_uid(ds.get("SOPInstanceUID"), "SOP Instance UID")
-            _check_pixel_data(ds)
-        except Exception as exc:  # any decoding failure means the dataset is corrupt
-            return self._refuse(CANNOT_UNDERSTAND, f"dataset cannot be parsed: {exc}", event)
-        if ds.get("SOPClassUID") != sop_class:
-            return self._refuse(
-                DATASET_DOES_NOT_MATCH_SOP_CLASS,
-                f"dataset SOP Class UID {ds.get('SOPClassUID')} differs from the presentation context's {sop_class}",
-                event,
-            )
-        if sop != event.request.AffectedSOPInstanceUID:
-            return self._refuse(
-                DATASET_DOES_NOT_MATCH_SOP_CLASS, "dataset SOP Instance UID differs from the request's", event
-            )
-        try:
-            path, size = self.spool.store(study, series, sop, data)
-            new = self.state.record_instance(
-                sop_instance_uid=sop,
-                series_uid=series,
-                study_uid=study,
-                sop_class_uid=str(sop_class),
-                path=str(path),
-                size=size,
-                calling_ae=event.assoc.requestor.ae_title,
-            )
-        except (SpoolError, OSError) as exc:
-            return self._refuse(OUT_OF_RESOURCES, f"cannot store: {exc}", event)
-        LOG.debug("stored %s of series %s (%d bytes%s)", sop, series, size, "" if new else ", duplicate")
-        return SUCCESS
+        elif has_dataset:  # an operation we do not offer: read its dataset, then answer
+            self._request, self._dataset_context = request, context_id
+            self._incoming = None
+        else:
+            LOG.warning("unsupported DIMSE command 0x%04X from %s", field, self.calling_ae)
+            self._respond(context_id, request, field | 0x8000, UNRECOGNIZED_OPERATION)
+
+    def _on_dataset_fragment(self, context_id: int, fragment: memoryview, last: bool) -> None:
+        if self._request is None or context_id != self._dataset_context:
+            self._abort(2, 2)
+            raise AssociationClosed("dataset fragment without a command")
+        if self._incoming is not None:
+            self._incoming.write(fragment)
+        if not last:
+            return
+        request, incoming = self._request, self._incoming
+        self._request = self._incoming = None
+        field = int(request.get("CommandField", 0))
+        if incoming is None:
+            LOG.warning("unsupported DIMSE command 0x%04X from %s", field, self.calling_ae)
+            self._respond(context_id, request, field | 0x8000, UNRECOGNIZED_OPERATION)
+            return
+        result = incoming.finish()
+        if result.ok:
+            self.stored += 1
+        else:
+            self.refused += 1
+        self._respond(context_id, request, 0x8001, result.status, result.reason)
+
+    def _respond(self, context_id: int, request: Dataset, field: int, status: int, comment: str | None = None) -> None:
+        fields: dict[str, Any] = {}
+        if "AffectedSOPClassUID" in request:
+            fields["AffectedSOPClassUID"] = request.AffectedSOPClassUID
+        fields["CommandField"] = field
+        fields["MessageIDBeingRespondedTo"] = int(request.get("MessageID", 0))
+        fields["CommandDataSetType"] = NO_DATASET
+        fields["Status"] = status
+        if "AffectedSOPInstanceUID" in request:
+            fields["AffectedSOPInstanceUID"] = request.AffectedSOPInstanceUID
+        if comment and status != SUCCESS:
+            fields["ErrorComment"] = comment[:64]
+        self._send_message(context_id, command_set(fields))
 
 
-def _check_pixel_data(ds: pydicom.Dataset) -> None:
-    """Raise ValueError if an image lacks pixel data or native pixel data is truncated."""
-    if "PixelData" not in ds:
-        raise ValueError("no Pixel Data")
-    ts = ds.file_meta.TransferSyntaxUID
-    if ts.is_compressed:
-        return
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    expected = int(ds.Rows) * int(ds.Columns) * int(ds.SamplesPerPixel) * frames * int(ds.BitsAllocated) // 8
-    actual = len(ds.PixelData)
-    if actual < expected:
-        raise ValueError(f"Pixel Data holds {actual} bytes, {expected} expected")
+class DicomServer:
+    """The node's DICOM SCP: an accept loop and one :class:`Association` thread per connection."""
 
-
-class Listener:
-    """The node's DICOM SCP (pynetdicom), started in a background thread."""
-
-    def __init__(self, config: NodeConfig, spool: Spool, state: StateStore) -> None:
+    def __init__(self, config: NodeConfig, intake: Intake, ssl_context: ssl.SSLContext | None = None) -> None:
         self.config = config
-        self.ae = AE(ae_title=config.ae_title)
-        self.ae.require_called_aet = True
-        if config.allowed_calling_ae_titles:
-            self.ae.require_calling_aet = list(config.allowed_calling_ae_titles)
-        self.ae.maximum_associations = config.max_associations
-        self.ae.maximum_pdu_size = config.max_pdu_size
-        self.ae.network_timeout = config.network_timeout_s
-        self.ae.dimse_timeout = config.network_timeout_s
-        self.ae.acse_timeout = config.network_timeout_s
-        self.ae.add_supported_context(Verification)
-        ct_syntaxes = decodable_transfer_syntaxes()
-        for uid in sorted(ACCEPTED_SOP_CLASSES):
-            self.ae.add_supported_context(uid, ct_syntaxes)
-        # Other storage SOP classes are accepted at negotiation so that a PACS
-        # pushing a whole study keeps its association, and then refused one by
-        # one with 0x0122 and a logged reason.
-        for context in StoragePresentationContexts:
-            if context.abstract_syntax not in ACCEPTED_SOP_CLASSES:
-                self.ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
-        self.handler = StoreHandler(config, spool, state)
-        self.server: Any = None
+        self.intake = intake
+        self.ssl_context = ssl_context
+        self.contexts = supported_contexts()
+        self._lock = threading.Lock()
+        self._associations: set[Association] = set()
+        self._admitted = 0
+        self._sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._closing = threading.Event()
 
     def start(self) -> None:
-        handlers = [
-            (evt.EVT_C_STORE, self.handler),
-            (evt.EVT_C_ECHO, lambda event: SUCCESS),
-            (evt.EVT_CONN_OPEN, set_tcp_nodelay),
-            (evt.EVT_REJECTED, _log_rejected),
-        ]
-        self.server = self.ae.start_server(
-            (self.config.bind_address, self.config.port), block=False, evt_handlers=handlers
-        )
+        family = socket.AF_INET6 if ":" in self.config.bind_address else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.config.bind_address, self.config.port))
+        sock.listen(64)
+        sock.settimeout(0.5)  # so that stop() is noticed
+        self._sock = sock
+        self._thread = threading.Thread(target=self._accept_loop, name="dicom-accept", daemon=True)
+        self._thread.start()
         LOG.info(
-            "listening as %s on %s:%d (calling AE allow-list: %s)",
+            "listening as %s on %s:%d%s (calling AE allow-list: %s)",
             self.config.ae_title,
             self.config.bind_address,
             self.config.port,
+            " with TLS" if self.ssl_context else "",
             ", ".join(self.config.allowed_calling_ae_titles) or "any",
         )
 
-    def stop(self) -> None:
-        """Stop accepting, let associations in progress finish, then return."""
-        if self.server is not None:
-            self.server.shutdown()
-            self.server = None
+    def _accept_loop(self) -> None:
+        assert self._sock is not None
+        while not self._closing.is_set():
+            try:
+                conn, address = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                if self._closing.is_set():
+                    break
+                LOG.exception("accept failed")
+                time.sleep(0.1)
+                continue
+            conn.settimeout(self.config.network_timeout_s)
+            assoc = Association(self, conn, address[:2])
+            with self._lock:
+                self._associations.add(assoc)
+            assoc.start()
 
+    def admit(self, assoc: Association) -> bool:
+        """Count an association against ``max_associations``; False when the limit is reached."""
+        with self._lock:
+            if self._admitted >= self.config.max_associations:
+                return False
+            self._admitted += 1
+            assoc._admitted = True  # type: ignore[attr-defined]
+            return True
 
-def _log_rejected(event: evt.Event) -> None:
-    LOG.warning(
-        "association from %s (calling AE %s, called AE %s) rejected",
-        event.assoc.requestor.address,
-        event.assoc.requestor.ae_title,
-        event.assoc.acceptor.ae_title,
-    )
+    def forget(self, assoc: Association) -> None:
+        with self._lock:
+            self._associations.discard(assoc)
+            if getattr(assoc, "_admitted", False):
+                self._admitted -= 1
+
+    def established(self) -> list[Association]:
+        with self._lock:
+            return [a for a in self._associations if a.established and a.is_alive()]
+
+    def stop(self, drain_seconds: float = 30.0) -> None:
+        """Stop accepting, let established associations finish (bounded), abort the rest."""
+        self._closing.set()
+        if self._sock is not None:
+            self._sock.close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        deadline = time.monotonic() + drain_seconds
+        while self.established() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with self._lock:
+            remaining = list(self._associations)
+        for assoc in remaining:
+            if assoc.established:
+                LOG.warning("aborting association from %s still open at shutdown", assoc.calling_ae)
+            assoc.abort()
+        for assoc in remaining:
+            assoc.join(timeout=5)

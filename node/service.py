@@ -18,7 +18,8 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 
 from node.config import NodeConfig
-from node.listener import Listener
+from node.intake import Intake, read_header
+from node.listener import DicomServer
 from node.sender import Sender
 from node.spool import Spool, check_uid, remove_partials, write_durably
 from node.state import DONE, FAILED, REJECTED, StateStore
@@ -73,6 +74,30 @@ def write_results(result: SeriesResult, results_dir: Path) -> list[tuple[Dataset
     return written
 
 
+def adopt_unrecorded(spool: Spool, state: StateStore) -> int:
+    """Record spooled files that have no row (a power cut after the fsync, before the commit).
+
+    Such a file was complete and fsynced, and its sender may have received a
+    success status: it must not be forgotten. Unreadable files are left in
+    place and logged.
+    """
+    import pydicom
+
+    known = state.known_paths()
+    adopted = 0
+    for path in spool.files():
+        if str(path) in known:
+            continue
+        try:
+            header = read_header(pydicom.dcmread(path, stop_before_pixels=True))
+        except Exception as exc:  # leave it for an administrator; do not delete data
+            LOG.error("spooled file %s cannot be read (%s); left in place", path, exc)
+            continue
+        state.record_instance(header, path=str(path), size=path.stat().st_size, calling_ae="(recovered)")
+        adopted += 1
+    return adopted
+
+
 class Node:
     """One node process; :meth:`run` blocks until :meth:`request_stop`."""
 
@@ -84,16 +109,22 @@ class Node:
             LOG.info("removed %d partial files left by an interrupted write", removed)
         self.state = StateStore(config.state_path)
         self.spool = Spool(config.spool_dir)
+        adopted = adopt_unrecorded(self.spool, self.state)
+        if adopted:
+            LOG.warning("%d spooled instances had no state record (power cut?); recorded now", adopted)
         self.analyzer = build_analyzer(config)
-        self.listener = Listener(config, self.spool, self.state)
-        self.sender = Sender(config, self.state)
         self._stop = threading.Event()
+        self._wake_worker = threading.Event()
         self._wake_sender = threading.Event()
+        self.intake = Intake(config, self.spool, self.state, on_queued=self._wake_worker.set)
+        self.listener = DicomServer(config, self.intake)
+        self.sender = Sender(config, self.state)
         self._threads: list[threading.Thread] = []
 
     def request_stop(self) -> None:
         self._stop.set()
         self._wake_sender.set()
+        self._wake_worker.set()
 
     def run(self) -> None:
         requeued = self.state.requeue_interrupted()
@@ -121,21 +152,7 @@ class Node:
 
     def _shutdown(self) -> None:
         LOG.info("stopping: no new associations; waiting for those in progress")
-        server = self.listener.server
-        self.listener.stop()
-        deadline = time.monotonic() + ASSOCIATION_DRAIN_SECONDS
-        # Only established associations can still deliver instances; rejected or
-        # released ones may linger in pynetdicom until their network timeout.
-        def established() -> list:
-            return [a for a in (server.active_associations if server else []) if a.is_alive() and a.is_established]
-
-        active = established()
-        while active and time.monotonic() < deadline:
-            time.sleep(0.1)
-            active = established()
-        for assoc in active:
-            LOG.warning("aborting association from %s still open at shutdown", assoc.requestor.ae_title)
-            assoc.abort()
+        self.listener.stop(ASSOCIATION_DRAIN_SECONDS)
         for thread in self._threads:
             thread.join(timeout=60)
             if thread.is_alive():
@@ -156,7 +173,8 @@ class Node:
                 self._stop.wait(POLL_SECONDS)
                 continue
             if row is None:
-                self._stop.wait(POLL_SECONDS)
+                self._wake_worker.wait(POLL_SECONDS)
+                self._wake_worker.clear()
                 continue
             self.process_series(row.series_uid, row.updated_at)
 

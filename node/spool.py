@@ -29,7 +29,7 @@ def check_uid(value: object, name: str) -> str:
     return text
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -46,7 +46,7 @@ def write_durably(path: Path, chunks: list[bytes] | bytes) -> int:
     """
     if isinstance(chunks, bytes):
         chunks = [chunks]
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs_durably(path.parent)
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.part"
     size = 0
     try:
@@ -57,7 +57,7 @@ def write_durably(path: Path, chunks: list[bytes] | bytes) -> int:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise SpoolError(f"cannot write {path}: {exc.strerror or exc}") from exc
@@ -74,12 +74,44 @@ def remove_partials(root: Path) -> int:
     return count
 
 
+def make_dirs_durably(folder: Path) -> None:
+    """Create ``folder`` (and missing parents) and fsync each parent of a created folder."""
+    missing = []
+    current = folder
+    while not current.exists():
+        missing.append(current)
+        current = current.parent
+    for created in reversed(missing):
+        try:
+            created.mkdir()
+        except FileExistsError:  # another thread made it: it also fsyncs its parent
+            continue
+        fsync_dir(created.parent)
+
+
 class Spool:
     """Where received instances are kept until their series is processed."""
+
+    #: Instances being received live here until they are complete and checked.
+    INCOMING = ".incoming"
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
+        self.incoming_dir = root / self.INCOMING
+        self.incoming_dir.mkdir(exist_ok=True)
+
+    def adopt(self, tmp: Path, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
+        """Move a complete, fsynced temporary file into place durably; returns its path."""
+        path = self.instance_path(study_uid, series_uid, sop_instance_uid)
+        make_dirs_durably(path.parent)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+        return path
+
+    def files(self) -> list[Path]:
+        """Every spooled instance file (not those being received)."""
+        return [p for p in self.root.glob("*/*/*.dcm") if not p.name.startswith(".")]
 
     def instance_path(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
         return (

@@ -2,8 +2,13 @@
 
 Instances, series and the outbox live here, not in memory, so that a restart
 (or ``kill -9``) resumes everything that was in flight. Every state change is
-one transaction; ``synchronous=FULL`` makes a commit durable before the
-C-STORE success status goes back.
+one transaction. The database runs with ``synchronous=NORMAL``: a committed
+transaction survives the process being killed (it is in the WAL, written
+before the commit returns) but not necessarily a power cut. What must survive
+a power cut is the received data itself, and that is fsynced in the spool
+before the success status; :meth:`StateStore.known_paths` lets the node adopt,
+at start, spooled files whose row a power cut took away. Every other state
+change (outbox, series outcome) is redone safely when lost: at-least-once.
 """
 
 from __future__ import annotations
@@ -13,6 +18,10 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from node.intake import InstanceHeader
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -23,7 +32,12 @@ CREATE TABLE IF NOT EXISTS instances (
     path TEXT NOT NULL,
     size INTEGER NOT NULL,
     calling_ae TEXT NOT NULL,
-    received_at REAL NOT NULL
+    received_at REAL NOT NULL,
+    association TEXT,
+    position REAL,
+    orientation TEXT,
+    images_in_acquisition INTEGER,
+    number_of_frames INTEGER
 );
 CREATE INDEX IF NOT EXISTS instances_by_series ON instances(series_uid);
 CREATE TABLE IF NOT EXISTS series (
@@ -35,7 +49,10 @@ CREATE TABLE IF NOT EXISTS series (
     instance_count INTEGER NOT NULL DEFAULT 0,
     reason TEXT,
     updated_at REAL NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0
+    attempts INTEGER NOT NULL DEFAULT 0,
+    version INTEGER NOT NULL DEFAULT 0,
+    completion TEXT,
+    results TEXT
 );
 CREATE INDEX IF NOT EXISTS series_by_state ON series(state);
 CREATE TABLE IF NOT EXISTS outbox (
@@ -57,6 +74,40 @@ CREATE TABLE IF NOT EXISTS outbox (
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt_at);
 """
 
+#: Columns added after the first release: (table, column, declaration).
+MIGRATIONS = [
+    ("instances", "association", "TEXT"),
+    ("instances", "position", "REAL"),
+    ("instances", "orientation", "TEXT"),
+    ("instances", "images_in_acquisition", "INTEGER"),
+    ("instances", "number_of_frames", "INTEGER"),
+    ("series", "version", "INTEGER NOT NULL DEFAULT 0"),
+    ("series", "completion", "TEXT"),
+    ("series", "results", "TEXT"),
+]
+
+#: Relative tolerance on slice spacing for a run of positions to count as gap-free.
+SPACING_TOLERANCE = 0.02
+
+
+def gap_free(positions: list[float | None], orientations: list[str | None]) -> str | None:
+    """Why the slices do not form a complete evenly spaced run, or None when they do.
+
+    Used to finish a series early; the pipeline still checks the geometry in full.
+    """
+    if len(positions) < 2:
+        return "fewer than 2 slices"
+    if any(p is None for p in positions) or len(set(orientations)) != 1:
+        return "positions missing or orientations differ"
+    ordered = sorted(p for p in positions if p is not None)
+    steps = [b - a for a, b in zip(ordered, ordered[1:])]
+    step = sorted(steps)[len(steps) // 2]
+    if step <= 1e-3:
+        return "duplicate positions"
+    if any(abs(d - step) > SPACING_TOLERANCE * step + 1e-3 for d in steps):
+        return "uneven spacing (a gap or an overlap)"
+    return None
+
 # Series states. receiving -> queued -> processing -> done | rejected | failed
 RECEIVING, QUEUED, PROCESSING, DONE, REJECTED, FAILED = (
     "receiving", "queued", "processing", "done", "rejected", "failed",
@@ -76,6 +127,9 @@ class SeriesRow:
     reason: str | None
     updated_at: float
     attempts: int
+    version: int = 0
+    completion: str | None = None
+    results: str | None = None  # JSON: the last version's result objects (see Node.process_series)
 
 
 @dataclass(frozen=True)
@@ -102,7 +156,12 @@ class StateStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        self._connection().executescript(SCHEMA)
+        db = self._connection()
+        db.executescript(SCHEMA)
+        for table, column, declaration in MIGRATIONS:
+            have = {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
     def _connection(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
@@ -110,7 +169,7 @@ class StateStore:
             db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
             db.row_factory = sqlite3.Row
             db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA busy_timeout=30000")
             self._local.db = db
         return db
@@ -139,47 +198,109 @@ class StateStore:
 
     def record_instance(
         self,
+        header: "InstanceHeader",
         *,
-        sop_instance_uid: str,
-        series_uid: str,
-        study_uid: str,
-        sop_class_uid: str,
         path: str,
         size: int,
         calling_ae: str,
+        association: str | None = None,
         now: float | None = None,
     ) -> bool:
         """Record a received instance and touch its series; False if it was a duplicate.
 
-        A duplicate (same SOP Instance UID) replaces the earlier file record; a
-        series that was already finished goes back to ``receiving`` so that the
-        late instance is not silently ignored.
+        A duplicate (same SOP Instance UID) replaces the earlier file record. A
+        new instance for a series that was already finished sends it back to
+        ``receiving``: its result will be a new version. A series whose
+        expected instance count (Images in Acquisition) is reached with a
+        gap-free run of positions is queued at once.
         """
         with self._tx() as db:
             # Timestamp under the write lock: an instance committed after a claim
             # is then never older than the claim (see finish_series).
             now = time.time() if now is None else now
             existing = db.execute(
-                "SELECT 1 FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
+                "SELECT size FROM instances WHERE sop_instance_uid = ?", (header.sop_instance_uid,)
             ).fetchone()
             db.execute(
-                "INSERT OR REPLACE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (sop_instance_uid, series_uid, study_uid, sop_class_uid, path, size, calling_ae, now),
+                "INSERT OR REPLACE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (header.sop_instance_uid, header.series_uid, header.study_uid, header.sop_class_uid, path, size,
+                 calling_ae, now, association, header.position, header.orientation,
+                 header.images_in_acquisition, header.number_of_frames),
             )
-            count = db.execute("SELECT COUNT(*) FROM instances WHERE series_uid = ?", (series_uid,)).fetchone()[0]
-            db.execute(
-                """INSERT INTO series (series_uid, study_uid, state, first_received, last_received,
-                                       instance_count, updated_at)
-                   VALUES (?, ?, ?, ?, ?, ?, ?)
-                   ON CONFLICT(series_uid) DO UPDATE SET
-                       last_received = excluded.last_received,
-                       instance_count = excluded.instance_count,
-                       state = CASE WHEN series.state = 'processing' THEN series.state ELSE 'receiving' END,
-                       reason = CASE WHEN series.state = 'processing' THEN series.reason ELSE NULL END,
-                       updated_at = excluded.updated_at""",
-                (series_uid, study_uid, RECEIVING, now, now, count, now),
-            )
+            series = db.execute(
+                "SELECT state, instance_count FROM series WHERE series_uid = ?", (header.series_uid,)
+            ).fetchone()
+            if series is None:
+                db.execute(
+                    """INSERT INTO series (series_uid, study_uid, state, first_received, last_received,
+                                           instance_count, updated_at) VALUES (?, ?, ?, ?, ?, 1, ?)""",
+                    (header.series_uid, header.study_uid, RECEIVING, now, now, now),
+                )
+                count = 1
+            elif existing is not None and existing["size"] == size and series["state"] in (DONE, REJECTED):
+                # The same instance sent again (a PACS re-sending a study): nothing new to
+                # analyse, the decision stands. A re-send does retry a failed series.
+                db.execute("UPDATE series SET last_received = ? WHERE series_uid = ?", (now, header.series_uid))
+                return False
+            else:
+                count = series["instance_count"] + (0 if existing else 1)
+                db.execute(
+                    """UPDATE series SET last_received = ?, instance_count = ?, updated_at = ?,
+                           state = CASE WHEN state = 'processing' THEN state ELSE 'receiving' END,
+                           reason = CASE WHEN state = 'processing' THEN reason ELSE NULL END,
+                           completion = CASE WHEN state = 'processing' THEN completion ELSE NULL END
+                       WHERE series_uid = ?""",
+                    (now, count, now, header.series_uid),
+                )
+            expected = header.images_in_acquisition
+            if expected is not None and count == expected:
+                self._complete_if_gap_free(db, header.series_uid, now, f"expected count {expected} reached")
             return existing is None
+
+    def _complete_if_gap_free(self, db: sqlite3.Connection, series_uid: str, now: float, why: str) -> bool:
+        """Queue a receiving series if its slices form a gap-free run (inside a transaction)."""
+        rows = db.execute(
+            "SELECT position, orientation, number_of_frames FROM instances WHERE series_uid = ?", (series_uid,)
+        ).fetchall()
+        if rows and all((r["number_of_frames"] or 1) > 1 for r in rows):
+            detail = f"{why}, {len(rows)} multi-frame instance(s)"
+        else:
+            problem = gap_free([r["position"] for r in rows], [r["orientation"] for r in rows])
+            if problem is not None:
+                return False
+            detail = f"{why}, gap-free run of {len(rows)} slices"
+        cursor = db.execute(
+            "UPDATE series SET state = ?, updated_at = ?, completion = ? WHERE series_uid = ? AND state = ?",
+            (QUEUED, now, detail, series_uid, RECEIVING),
+        )
+        return cursor.rowcount > 0
+
+    def complete_released(self, association: str, now: float | None = None) -> list[tuple[str, str]]:
+        """An association (or STOW-RS request) ended normally: queue the series it carried whole.
+
+        A series is queued when every one of its instances came through this
+        association and they form a gap-free run (or are multi-frame). Series
+        that also came through other associations keep waiting for the quiet
+        timer. Returns (series UID, completion detail) for each series queued.
+        """
+        now = time.time() if now is None else now
+        queued = []
+        with self._tx() as db:
+            candidates = [r[0] for r in db.execute(
+                """SELECT DISTINCT i.series_uid FROM instances i JOIN series s ON s.series_uid = i.series_uid
+                   WHERE i.association = ? AND s.state = ?""", (association, RECEIVING))]
+            for uid in candidates:
+                others = db.execute(
+                    "SELECT 1 FROM instances WHERE series_uid = ? AND (association IS NULL OR association != ?) "
+                    "LIMIT 1", (uid, association)).fetchone()
+                if others is None and self._complete_if_gap_free(db, uid, now, "sender released the association"):
+                    detail = db.execute("SELECT completion FROM series WHERE series_uid = ?", (uid,)).fetchone()[0]
+                    queued.append((uid, detail))
+        return queued
+
+    def known_paths(self) -> set[str]:
+        """Paths of every recorded instance (to find spooled files a power cut left unrecorded)."""
+        return {r[0] for r in self._connection().execute("SELECT path FROM instances")}
 
     def series_instances(self, series_uid: str) -> list[str]:
         rows = self._connection().execute(
@@ -207,8 +328,8 @@ class StateStore:
             ).fetchall()
             uids = [r["series_uid"] for r in rows]
             db.executemany(
-                "UPDATE series SET state = ?, updated_at = ? WHERE series_uid = ?",
-                [(QUEUED, now, uid) for uid in uids],
+                "UPDATE series SET state = ?, updated_at = ?, completion = ? WHERE series_uid = ?",
+                [(QUEUED, now, f"quiet for {quiet_seconds:g} s", uid) for uid in uids],
             )
         return uids
 
@@ -227,13 +348,24 @@ class StateStore:
             )
             return SeriesRow(**{**dict(row), "state": PROCESSING, "attempts": row["attempts"] + 1, "updated_at": now})
 
-    def finish_series(self, series_uid: str, state: str, reason: str | None, claimed_at: float) -> str:
+    def finish_series(
+        self,
+        series_uid: str,
+        state: str,
+        reason: str | None,
+        claimed_at: float,
+        *,
+        version: int | None = None,
+        results: str | None = None,
+    ) -> str:
         """Set the outcome of processing, unless new instances arrived meanwhile.
 
         A series that received instances while it was processed goes back to
         ``receiving`` (its completion timer restarts) rather than being marked done.
         ``claimed_at`` is the ``updated_at`` of the row :meth:`claim_next_series`
-        returned. Returns the state actually stored.
+        returned. ``version`` and ``results`` record a result version that was
+        produced (and queued for sending), whatever the outcome: the next run
+        makes the next version, superseding it. Returns the state actually stored.
         """
         if state not in (DONE, REJECTED, FAILED, QUEUED):
             raise ValueError(f"state: {state!r} is not an outcome")
@@ -245,8 +377,10 @@ class StateStore:
             if row["last_received"] > claimed_at:
                 state, reason = RECEIVING, None
             db.execute(
-                "UPDATE series SET state = ?, reason = ?, updated_at = ? WHERE series_uid = ?",
-                (state, reason, now, series_uid),
+                "UPDATE series SET state = ?, reason = ?, updated_at = ?, version = ?, results = ? "
+                "WHERE series_uid = ?",
+                (state, reason, now, row["version"] if version is None else version,
+                 row["results"] if results is None else results, series_uid),
             )
         return state
 

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from node.intake import InstanceHeader
 from node.state import (
     DONE,
+    gap_free,
     FAILED,
     PENDING,
     PROCESSING,
@@ -23,6 +25,7 @@ from node.state import (
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
+AXIAL = "1.0000\\0.0000\\0.0000\\0.0000\\1.0000\\0.0000"
 SR = "1.2.840.10008.5.1.4.1.1.88.22"
 
 
@@ -33,16 +36,25 @@ def store(tmp_path: Path):  # noqa: ANN201
     s.close()
 
 
-def record(store: StateStore, sop: str, series: str = "1.2.3", now: float | None = None, study: str = "1.2") -> bool:
+def record(
+    store: StateStore,
+    sop: str,
+    series: str = "1.2.3",
+    now: float | None = None,
+    study: str = "1.2",
+    *,
+    position: float | None = None,
+    expected: int | None = None,
+    frames: int | None = None,
+    association: str | None = None,
+    size: int = 1000,
+) -> bool:
+    header = InstanceHeader(
+        study_uid=study, series_uid=series, sop_instance_uid=sop, sop_class_uid=CT, position=position,
+        orientation=None if position is None else AXIAL, images_in_acquisition=expected, number_of_frames=frames,
+    )
     return store.record_instance(
-        sop_instance_uid=sop,
-        series_uid=series,
-        study_uid=study,
-        sop_class_uid=CT,
-        path=f"/spool/{series}/{sop}.dcm",
-        size=1000,
-        calling_ae="MODALITY",
-        now=now,
+        header, path=f"/spool/{series}/{sop}.dcm", size=size, calling_ae="MODALITY", association=association, now=now
     )
 
 
@@ -72,7 +84,7 @@ def test_new_database_is_created_in_wal_mode(tmp_path: Path) -> None:
 def test_record_instance_and_duplicates(store: StateStore) -> None:
     assert record(store, "1.2.3.1", now=100.0) is True
     assert record(store, "1.2.3.2", now=101.0) is True
-    assert record(store, "1.2.3.1", now=102.0) is False  # the same instance again
+    assert record(store, "1.2.3.1", now=102.0, size=999) is False  # the same instance again, changed
     row = store.get_series("1.2.3")
     assert row is not None
     assert row.instance_count == 2
@@ -185,13 +197,18 @@ def test_instance_committed_after_a_claim_is_never_older_than_the_claim(tmp_path
 
 
 def test_instance_for_a_finished_series_reopens_it(store: StateStore) -> None:
-    record(store, "s.1", series="s", now=1000.0)
-    store.queue_quiet_series(10.0, now=1010.0)
-    row = store.claim_next_series()
-    store.finish_series("s", REJECTED, "missing slices", row.updated_at)
-    record(store, "s.1", series="s", now=row.updated_at + 100)  # the same instance sent again
+    for uid, outcome in (("s", REJECTED), ("t", FAILED)):
+        record(store, f"{uid}.1", series=uid, now=1000.0)
+        store.queue_quiet_series(10.0, now=1010.0)
+        row = store.claim_next_series()
+        store.finish_series(uid, outcome, "why", row.updated_at)
+    record(store, "s.1", series="s", now=row.updated_at + 100)  # the same instance again: same decision
+    assert store.get_series("s").state == REJECTED
+    record(store, "s.2", series="s", now=row.updated_at + 100)  # a new instance: decide again
     after = store.get_series("s")
-    assert after.state == RECEIVING and after.reason is None and after.instance_count == 1
+    assert after.state == RECEIVING and after.reason is None and after.instance_count == 2
+    record(store, "t.1", series="t", now=row.updated_at + 100)  # a re-send retries a failed series
+    assert store.get_series("t").state == RECEIVING
 
 
 def test_requeue_interrupted_after_a_crash(tmp_path: Path) -> None:
@@ -326,4 +343,96 @@ def test_concurrent_record_instance_loses_nothing(tmp_path: Path) -> None:
     check = sqlite3.connect(tmp_path / "state.sqlite3")
     assert check.execute("SELECT COUNT(*) FROM instances").fetchone()[0] == 220
     check.close()
+    store.close()
+
+
+# --------------------------------------------------------------------------- faster completion
+
+
+def test_gap_free_rule() -> None:
+    axial = [AXIAL] * 4
+    assert gap_free([0.0, 1.0, 2.0, 3.0], axial) is None
+    assert gap_free([3.0, 0.0, 2.0, 1.0], axial) is None  # order of arrival does not matter
+    assert gap_free([0.0, 1.25, 2.5, 3.75], axial) is None
+    assert "gap" in gap_free([0.0, 1.0, 3.0, 4.0], axial)
+    assert "duplicate" in gap_free([0.0, 0.0, 0.0, 1.0], axial)
+    assert gap_free([0.0, 1.0, None, 3.0], axial) is not None
+    assert gap_free([0.0, 1.0, 2.0, 3.0], [AXIAL, AXIAL, "other", AXIAL]) is not None
+    assert gap_free([0.0], [AXIAL]) is not None
+
+
+def test_release_completes_a_gap_free_series_carried_whole(store: StateStore) -> None:
+    for i in range(5):
+        record(store, f"a.{i}", series="a", position=i * 2.5, association="assoc-1", now=100.0 + i)
+    for i in (0, 1, 3, 4):  # a gap: slice 2 is missing
+        record(store, f"b.{i}", series="b", position=float(i), association="assoc-1", now=100.0)
+    record(store, "c.0", series="c", position=0.0, association="assoc-1", now=100.0)  # c also came through
+    record(store, "c.1", series="c", position=1.0, association="assoc-2", now=100.0)  # another association
+    record(store, "d.0", series="d", position=0.0, association="assoc-2", now=100.0)
+    assert store.complete_released("assoc-1", now=200.0) == [("a", "sender released the association, "
+                                                                    "gap-free run of 5 slices")]
+    assert store.get_series("a").state == QUEUED
+    assert store.get_series("a").completion.startswith("sender released")
+    for uid in "bcd":
+        assert store.get_series(uid).state == RECEIVING  # left to the quiet timer
+    assert store.complete_released("assoc-1", now=201.0) == []  # a is no longer receiving
+    assert store.queue_quiet_series(10.0, now=1000.0) == ["b", "c", "d"]
+    assert store.get_series("b").completion == "quiet for 10 s"
+
+
+def test_release_completes_a_multiframe_instance(store: StateStore) -> None:
+    record(store, "e.0", series="e", frames=120, association="assoc-e")
+    assert [uid for uid, _ in store.complete_released("assoc-e")] == ["e"]
+
+
+def test_expected_count_completes_without_release(store: StateStore) -> None:
+    for i in range(3):
+        record(store, f"f.{i}", series="f", position=float(i), expected=4, association="x")
+        assert store.get_series("f").state == RECEIVING
+    record(store, "f.3", series="f", position=3.0, expected=4, association="x")
+    assert store.get_series("f").state == QUEUED
+    assert store.get_series("f").completion == "expected count 4 reached, gap-free run of 4 slices"
+    # The count is reached but with a gap: the quiet timer decides.
+    for i in (0, 1, 2, 5):
+        record(store, f"g.{i}", series="g", position=float(i), expected=4)
+    assert store.get_series("g").state == RECEIVING
+
+
+def test_resent_instance_does_not_reopen_a_finished_series(store: StateStore) -> None:
+    record(store, "h.0", series="h", now=100.0)
+    store.queue_quiet_series(10.0, now=200.0)
+    row = store.claim_next_series()
+    store.finish_series("h", DONE, "ok", row.updated_at, version=1, results="[]")
+    assert record(store, "h.0", series="h") is False  # same size: a re-send
+    assert store.get_series("h").state == DONE
+    assert record(store, "h.1", series="h") is True  # a late new instance: a new version will follow
+    assert store.get_series("h").state == RECEIVING
+    assert store.get_series("h").version == 1 and store.get_series("h").results == "[]"
+
+
+def test_finish_records_the_version_even_when_a_late_instance_reopens(store: StateStore) -> None:
+    record(store, "k.0", series="k", now=100.0)
+    store.queue_quiet_series(10.0, now=200.0)
+    row = store.claim_next_series()
+    record(store, "k.1", series="k")  # arrives while processing
+    assert store.finish_series("k", DONE, "ok", row.updated_at, version=1, results='["x"]') == RECEIVING
+    assert store.get_series("k").version == 1
+
+
+def test_old_database_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE instances (sop_instance_uid TEXT PRIMARY KEY, series_uid TEXT NOT NULL, study_uid TEXT NOT NULL,"
+        " sop_class_uid TEXT NOT NULL, path TEXT NOT NULL, size INTEGER NOT NULL, calling_ae TEXT NOT NULL,"
+        " received_at REAL NOT NULL);"
+        "CREATE TABLE series (series_uid TEXT PRIMARY KEY, study_uid TEXT NOT NULL, state TEXT NOT NULL,"
+        " first_received REAL NOT NULL, last_received REAL NOT NULL, instance_count INTEGER NOT NULL DEFAULT 0,"
+        " reason TEXT, updated_at REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0);"
+        "INSERT INTO series VALUES ('s', '1', 'done', 1, 1, 1, 'ok', 1, 1);"
+    )
+    db.close()
+    store = StateStore(path)
+    assert store.get_series("s").version == 0
+    assert record(store, "s.1", series="s", position=1.0) is True
     store.close()

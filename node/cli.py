@@ -1,9 +1,11 @@
 """``pacs-ai-node``: the command line of the node.
 
-    pacs-ai-node serve [--config FILE] [--data-dir DIR] [--ae-title AET] [--port N] [--send-to AET@HOST:PORT ...]
+    pacs-ai-node serve [--config FILE] [--data-dir DIR] [--ae-title AET] [--port N] [--http-port N]
+                       [--send-to AET@HOST:PORT ...] [--quiet-seconds S]
     pacs-ai-node process INPUT_DIR --output DIR
     pacs-ai-node echo AET@HOST:PORT
     pacs-ai-node series list
+    pacs-ai-node rules check DIR_OR_FILES... [--rules FILE]
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def setup_logging(level: str) -> None:
     )
     # pynetdicom logs dataset contents (patient names included) at DEBUG and
     # every association at INFO; keep only its warnings.
-    for noisy in ("pynetdicom", "highdicom"):
+    for noisy in ("pynetdicom", "highdicom", "uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
@@ -41,6 +43,7 @@ def _config_from_args(args: argparse.Namespace) -> NodeConfig:
         "data_dir": Path(args.data_dir) if getattr(args, "data_dir", None) else None,
         "ae_title": getattr(args, "ae_title", None),
         "port": getattr(args, "port", None),
+        "http_port": getattr(args, "http_port", None),
         "series_quiet_seconds": getattr(args, "quiet_seconds", None),
         "destinations": tuple(Destination.parse(d) for d in args.send_to) if getattr(args, "send_to", None) else None,
     }
@@ -182,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(serve)
     serve.add_argument("--ae-title", help="the node's AE title (default AINODE)")
     serve.add_argument("--port", type=int, help="DICOM port (default 11112)")
+    serve.add_argument("--http-port", type=int, help="HTTP port for DICOMweb STOW-RS (default 8080; 0 = none)")
     serve.add_argument("--send-to", action="append", metavar="AET@HOST:PORT", help="result destination (repeatable)")
     serve.add_argument("--quiet-seconds", type=float, help="seconds without a new instance before a series is complete")
     serve.set_defaults(func=cmd_serve)
@@ -204,6 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     common(series_list)
     series_list.add_argument("--limit", type=int, default=100)
     series_list.set_defaults(func=cmd_series_list)
+
+    from node import cli_rules
+
+    cli_rules.add_parser(sub)
     return parser
 
 

@@ -9,6 +9,7 @@ stopped.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -21,11 +22,13 @@ from node.config import NodeConfig
 from node.intake import Intake, read_header
 from node.listener import DicomServer
 from node.sender import Sender
+from node.stow import HttpServer, create_app
 from node.spool import Spool, check_uid, remove_partials, write_durably
 from node.state import DONE, FAILED, REJECTED, StateStore
 from pipelines.analysis import ResultLabelling, SeriesAnalyzer, SeriesResult
 from pipelines.errors import PacsAiError, SeriesRejected
 from pipelines.model import ModelBundle
+from pipelines.rules import RuleSet, screen_series
 from pipelines.volume import load_series
 
 LOG = logging.getLogger(__name__)
@@ -74,6 +77,23 @@ def write_results(result: SeriesResult, results_dir: Path) -> list[tuple[Dataset
     return written
 
 
+def previous_reports(results: str | None) -> list[Dataset]:
+    """The SR(s) of the last result version of a series (to be superseded), read from the results dir."""
+    import pydicom
+
+    if not results:
+        return []
+    out = []
+    for item in json.loads(results):
+        if item.get("modality") == "SR":
+            try:
+                out.append(pydicom.dcmread(item["path"]))
+            except (OSError, ValueError) as exc:
+                LOG.warning("previous result %s cannot be read (%s); the new version will not reference it",
+                            item["path"], exc)
+    return out
+
+
 def adopt_unrecorded(spool: Spool, state: StateStore) -> int:
     """Record spooled files that have no row (a power cut after the fsync, before the commit).
 
@@ -113,11 +133,16 @@ class Node:
         if adopted:
             LOG.warning("%d spooled instances had no state record (power cut?); recorded now", adopted)
         self.analyzer = build_analyzer(config)
+        self.rules = RuleSet.load(config.rules_file)
         self._stop = threading.Event()
         self._wake_worker = threading.Event()
         self._wake_sender = threading.Event()
         self.intake = Intake(config, self.spool, self.state, on_queued=self._wake_worker.set)
         self.listener = DicomServer(config, self.intake)
+        self.http: HttpServer | None = None
+        if config.http_port:
+            app = create_app(self.intake, max_request_bytes=config.stow_max_request_mb * 2**20)
+            self.http = HttpServer(app, config.http_bind_address, config.http_port)
         self.sender = Sender(config, self.state)
         self._threads: list[threading.Thread] = []
 
@@ -131,6 +156,14 @@ class Node:
         if requeued:
             LOG.info("%d series interrupted by the last shutdown are queued again", len(requeued))
         self.listener.start()
+        if self.http is not None:
+            try:
+                self.http.start()
+            except Exception:
+                self.listener.stop(0)
+                raise
+            LOG.info("DICOMweb STOW-RS on http://%s:%d/studies (and /dicom-web/studies)",
+                     self.config.http_bind_address, self.http.port)
         self._threads = [
             threading.Thread(target=self._work_loop, name="worker", daemon=True),
             threading.Thread(target=self._send_loop, name="sender", daemon=True),
@@ -152,6 +185,8 @@ class Node:
 
     def _shutdown(self) -> None:
         LOG.info("stopping: no new associations; waiting for those in progress")
+        if self.http is not None:
+            self.http.stop()
         self.listener.stop(ASSOCIATION_DRAIN_SECONDS)
         for thread in self._threads:
             thread.join(timeout=60)
@@ -182,9 +217,15 @@ class Node:
         """Analyse one claimed series, store and queue its results; returns the final state."""
         paths = self.state.series_instances(series_uid)
         started = time.perf_counter()
+        row = self.state.get_series(series_uid)
+        version = (row.version if row else 0) + 1
         try:
+            decision = screen_series([Path(p) for p in paths], self.rules)
+            if not decision.eligible:
+                raise SeriesRejected("; ".join(decision.reasons))
             volume = load_series(paths)
-            result = self.analyzer.analyse(volume)
+            previous = previous_reports(row.results if row else None)
+            result = self.analyzer.analyse(volume, version=version, previous_reports=previous)
             written = write_results(result, self.config.results_dir)
         except SeriesRejected as exc:
             final = self.state.finish_series(series_uid, REJECTED, exc.reason, claimed_at)
@@ -199,15 +240,16 @@ class Node:
             return self.state.finish_series(series_uid, FAILED, f"internal error: {type(exc).__name__}: {exc}",
                                             claimed_at)
         destinations = [str(d) for d in self.config.destinations]
-        for ds, path in written:
-            self.state.enqueue_result(
-                series_uid=series_uid,
-                sop_instance_uid=str(ds.SOPInstanceUID),
-                sop_class_uid=str(ds.SOPClassUID),
-                path=str(path),
-                destinations=destinations,
-            )
+        self.state.record_results(
+            series_uid,
+            version,
+            json.dumps([{"modality": str(ds.Modality), "path": str(path)} for ds, path in written]),
+            [(str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(path)) for ds, path in written],
+            destinations,
+        )
         summary = "; ".join(f"{f.label} {f.volume_mm3 / 1000:.1f} cm3, mean {f.mean_hu:.0f} HU" for f in result.findings)
+        if version > 1:
+            summary = f"version {version} (supersedes {version - 1}): {summary}"
         final = self.state.finish_series(series_uid, DONE, summary, claimed_at)
         LOG.info(
             "series %s processed in %.2f s (%s): %s; %d objects queued for %d destinations",

@@ -398,18 +398,39 @@ class StateStore:
         self, *, series_uid: str, sop_instance_uid: str, sop_class_uid: str, path: str, destinations: list[str]
     ) -> None:
         """Queue a result file for every destination (idempotent per object and destination)."""
+        with self._tx() as db:
+            self._enqueue(db, series_uid, sop_instance_uid, sop_class_uid, path, destinations, time.time())
+
+    def record_results(
+        self,
+        series_uid: str,
+        version: int,
+        results: str,
+        items: list[tuple[str, str, str]],
+        destinations: list[str],
+    ) -> None:
+        """In one transaction: queue result objects ((SOP Instance UID, SOP Class UID, path) each)
+        for every destination and record them as the series' result ``version``."""
         now = time.time()
         with self._tx() as db:
-            for dest in destinations:
-                db.execute(
-                    """INSERT INTO outbox (series_uid, sop_instance_uid, sop_class_uid, path, destination,
-                                           state, next_attempt_at, created_at)
-                       VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-                       ON CONFLICT(sop_instance_uid, destination) DO UPDATE SET
-                           path = excluded.path, state = 'pending', next_attempt_at = excluded.next_attempt_at,
-                           attempts = 0, last_error = NULL""",
-                    (series_uid, sop_instance_uid, sop_class_uid, path, dest, PENDING, now, now),
-                )
+            for sop_instance_uid, sop_class_uid, path in items:
+                self._enqueue(db, series_uid, sop_instance_uid, sop_class_uid, path, destinations, now)
+            db.execute("UPDATE series SET version = ?, results = ? WHERE series_uid = ?",
+                       (version, results, series_uid))
+
+    @staticmethod
+    def _enqueue(db: sqlite3.Connection, series_uid: str, sop_instance_uid: str, sop_class_uid: str, path: str,
+                 destinations: list[str], now: float) -> None:
+        for dest in destinations:
+            db.execute(
+                """INSERT INTO outbox (series_uid, sop_instance_uid, sop_class_uid, path, destination,
+                                       state, next_attempt_at, created_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+                   ON CONFLICT(sop_instance_uid, destination) DO UPDATE SET
+                       path = excluded.path, state = 'pending', next_attempt_at = excluded.next_attempt_at,
+                       attempts = 0, last_error = NULL""",
+                (series_uid, sop_instance_uid, sop_class_uid, path, dest, PENDING, now, now),
+            )
 
     def due_outbox(self, now: float | None = None, limit: int = 100) -> list[OutboxRow]:
         now = time.time() if now is None else now

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -23,15 +23,16 @@ from pipelines.model import ModelBundle, SegmentSpec
 from pipelines.report import build_measurement_report
 from pipelines.segmentation import build_segmentation
 from pipelines.uids import derive_uid, result_uids
-from pipelines.volume import CTVolume
+from pipelines.volume import PLANE_MIN_COSINE, CTVolume, plane_of
 
 LOG = logging.getLogger(__name__)
 
 RESEARCH_NOTICE = "For research use only. Not for use in diagnostic procedures."
-#: A series this short cannot hold a meaningful 3-D segmentation.
+#: A series this short cannot hold a meaningful 3-D segmentation (the default
+#: rules' ``min_slices`` asks for the same).
 MIN_SLICES = 10
 #: |cos| between the slice normal and the patient's head-foot axis for "axial".
-AXIAL_MIN_COSINE = 0.9
+AXIAL_MIN_COSINE = PLANE_MIN_COSINE
 
 
 @dataclass(frozen=True)
@@ -60,9 +61,15 @@ class SeriesResult:
 
 
 def check_eligibility(volume: CTVolume) -> None:
-    """Minimal eligibility for the bundled models; raises :class:`SeriesRejected`.
+    """The floor under the site's eligibility rules; raises :class:`SeriesRejected`.
 
-    CT, not a localizer, axial, and long enough to be a volume.
+    Which series run is decided before the volume is built, by the rules file
+    (:mod:`pipelines.rules`, default ``pipelines/default_rules.toml``), which a
+    site may loosen or tighten. Whatever it says, the bundled models need a CT
+    volume that is not a localizer, is axial (the same test as the rules'
+    ``orientation``, :func:`pipelines.volume.plane_of`) and has at least
+    :data:`MIN_SLICES` slices; the geometry itself was checked when the volume
+    was built (:func:`pipelines.volume.check_geometry`).
     """
     first = volume.first
     modality = str(getattr(first, "Modality", ""))
@@ -71,8 +78,11 @@ def check_eligibility(volume: CTVolume) -> None:
     image_type = [str(v).upper() for v in (getattr(first, "ImageType", None) or [])]
     if "LOCALIZER" in image_type:
         raise SeriesRejected("localizer (scout) series")
-    if abs(float(volume.slice_direction[2])) < AXIAL_MIN_COSINE:
-        raise SeriesRejected("not an axial series (slice normal is not along the head-foot axis)")
+    if plane_of(volume.slice_direction) != "AXIAL":
+        raise SeriesRejected(
+            f"not an axial series (slice normal is not along the head-foot axis: "
+            f"{plane_of(volume.slice_direction).lower()})"
+        )
     if volume.shape[0] < MIN_SLICES:
         raise SeriesRejected(f"only {volume.shape[0]} slices; at least {MIN_SLICES} needed")
 
@@ -191,8 +201,20 @@ class SeriesAnalyzer:
             voxel_count=count,
         )
 
-    def analyse(self, volume: CTVolume, progress: Callable[[str], None] | None = None) -> SeriesResult:
-        """Run every stage on one volume; raises SeriesRejected or a PacsAiError."""
+    def analyse(
+        self,
+        volume: CTVolume,
+        progress: Callable[[str], None] | None = None,
+        *,
+        version: int = 1,
+        previous_reports: Sequence[Dataset] = (),
+    ) -> SeriesResult:
+        """Run every stage on one volume; raises SeriesRejected or a PacsAiError.
+
+        ``version`` > 1 makes results that supersede an earlier run on the same
+        series (late instances): new UIDs, "vN" in the series descriptions, and
+        the SR lists ``previous_reports`` as its predecessors.
+        """
         timings: dict[str, float] = {}
 
         def stage(name: str) -> None:
@@ -210,7 +232,7 @@ class SeriesAnalyzer:
         if not findings:
             raise ResultEncodingError(f"model {self.bundle.key} found nothing to segment in this series")
         stage("encode")
-        segmentation, report = self.encode(volume, findings)
+        segmentation, report = self.encode(volume, findings, version=version, previous_reports=previous_reports)
         timings["end"] = time.perf_counter()
         names = list(timings)
         durations = {"eligibility": timings[names[0]] - start}
@@ -218,9 +240,17 @@ class SeriesAnalyzer:
             durations[a] = timings[b] - timings[a]
         return SeriesResult(findings, segmentation, report, self.bundle.key, durations)
 
-    def encode(self, volume: CTVolume, findings: list[SegmentFinding]) -> tuple[Dataset, Dataset]:
-        """Build the SEG and the SR with UIDs derived from the source series and the model."""
-        uids = result_uids(volume.series_instance_uid, self.bundle.key)
+    def encode(
+        self,
+        volume: CTVolume,
+        findings: list[SegmentFinding],
+        *,
+        version: int = 1,
+        previous_reports: Sequence[Dataset] = (),
+    ) -> tuple[Dataset, Dataset]:
+        """Build the SEG and the SR with UIDs derived from the source series, the model and the version."""
+        uids = result_uids(volume.series_instance_uid, self.bundle.key, version)
+        suffix = f" v{version}" if version > 1 else ""
         algorithm = self.bundle.algorithm_identity(self.labelling.software_version)
         notice = self.labelling.research_notice
         seg = build_segmentation(
@@ -230,7 +260,7 @@ class SeriesAnalyzer:
             series_instance_uid=uids.seg_series_instance_uid,
             sop_instance_uid=uids.seg_sop_instance_uid,
             series_number=self.labelling.seg_series_number,
-            series_description=_description(f"AI {self.bundle.manifest.id} SEG", notice),
+            series_description=_description(f"AI {self.bundle.manifest.id} SEG{suffix}", notice),
             content_description=notice,
         )
         sr = build_measurement_report(
@@ -241,8 +271,9 @@ class SeriesAnalyzer:
             series_instance_uid=uids.sr_series_instance_uid,
             sop_instance_uid=uids.sr_sop_instance_uid,
             series_number=self.labelling.sr_series_number,
-            series_description=_description(f"AI {self.bundle.manifest.id} report", notice),
+            series_description=_description(f"AI {self.bundle.manifest.id} report{suffix}", notice),
             research_notice=notice,
+            previous_versions=previous_reports,
         )
         return seg, sr
 

@@ -20,6 +20,7 @@ import math
 from typing import Sequence
 
 import highdicom as hd
+from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from pipelines.errors import ResultEncodingError
@@ -162,6 +163,7 @@ def build_measurement_report(
     series_description: str,
     research_notice: str,
     procedure_reported: CodeSpec = DEFAULT_PROCEDURE,
+    previous_versions: Sequence[Dataset] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """A TID 1500 Comprehensive 3D SR with one measurement group per segment.
 
@@ -169,7 +171,8 @@ def build_measurement_report(
     Instance UID and segment numbers are referenced). ``series_description``
     must fit in 64 characters (LO) and should contain the research notice;
     ``research_notice`` is also written as a Comment content item (none if
-    it is empty).
+    it is empty). ``previous_versions`` are the earlier SRs of the same source
+    series that this one supersedes (Predecessor Documents Sequence).
     """
     check_algorithm(algorithm)
     check_long_string(series_description, "series_description")
@@ -218,6 +221,7 @@ def build_measurement_report(
             is_final=False,
             is_verified=False,
             contributing_equipment=[algorithm_equipment(algorithm)],
+            previous_versions=list(previous_versions) or None,
             specific_character_set=source_character_set(volume.first),
         )
     except (ValueError, TypeError, AttributeError) as exc:

@@ -50,19 +50,25 @@ class ResultUids:
     sr_sop_instance_uid: str
 
 
-def result_uids(source_series_uid: str, model_key: str) -> ResultUids:
+def result_uids(source_series_uid: str, model_key: str, version: int = 1) -> ResultUids:
     """UIDs for the results of ``model_key`` (e.g. ``"body-lungs@1.0.0+3fa2c1"``)
-    applied to the series ``source_series_uid``.
+    applied to the series ``source_series_uid``; ``version`` counts the results
+    made for that series (late instances make version 2, 3, ...).
 
-    Same inputs give the same UIDs; a different model key (new model bytes)
-    gives new ones, so results of two model builds never overwrite each other.
+    Same inputs give the same UIDs; a different model key (new model bytes) or
+    version gives new ones, so results of two model builds or two versions of
+    the series never overwrite each other.
     """
     for name, value in (("source_series_uid", source_series_uid), ("model_key", model_key)):
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ValueError(f"version must be an integer >= 1, got {version!r}")
+    # Version 1 keeps the derivation of the first release, so its UIDs are unchanged.
+    parts = (source_series_uid, model_key) if version == 1 else (source_series_uid, model_key, f"v{version}")
     return ResultUids(
-        seg_series_instance_uid=derive_uid(source_series_uid, model_key, "SEG", "series"),
-        seg_sop_instance_uid=derive_uid(source_series_uid, model_key, "SEG", "instance"),
-        sr_series_instance_uid=derive_uid(source_series_uid, model_key, "SR", "series"),
-        sr_sop_instance_uid=derive_uid(source_series_uid, model_key, "SR", "instance"),
+        seg_series_instance_uid=derive_uid(*parts, "SEG", "series"),
+        seg_sop_instance_uid=derive_uid(*parts, "SEG", "instance"),
+        sr_series_instance_uid=derive_uid(*parts, "SR", "series"),
+        sr_sop_instance_uid=derive_uid(*parts, "SR", "instance"),
     )

@@ -7,6 +7,9 @@ on this grid therefore map back onto the source pixels without resampling.
 
 A series whose instances are inconsistent is rejected with a reason, never
 repaired (mixed orientation, different Frame of Reference, missing slices...).
+:func:`check_geometry` runs those checks on headers alone (read with
+``stop_before_pixels``), so that the eligibility rules can report them before
+any pixel data is decoded.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ CT_SOP_CLASSES = frozenset({CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE})
 SPACING_TOLERANCE = 0.1
 #: Tolerance on direction cosines (dot product) for "same orientation".
 ORIENTATION_TOLERANCE = 1e-3
+#: |cos| between the slice normal and a patient axis for a plane to be named
+#: after that axis (axial: head-foot); below it on every axis the plane is oblique.
+PLANE_MIN_COSINE = 0.9
 
 
 @dataclass(frozen=True)
@@ -108,6 +114,21 @@ class CTVolume:
         )
 
 
+def plane_of(normal: Sequence[float]) -> str:
+    """``AXIAL``, ``CORONAL``, ``SAGITTAL`` or ``OBLIQUE`` for a slice normal in LPS.
+
+    A plane is named after the patient axis its normal is within
+    ``acos(PLANE_MIN_COSINE)`` (about 26 degrees) of, so a slightly angled
+    axial acquisition is still axial.
+    """
+    n = np.asarray(normal, dtype=float)
+    n = n / np.linalg.norm(n)
+    axis = int(np.argmax(np.abs(n)))
+    if abs(n[axis]) < PLANE_MIN_COSINE:
+        return "OBLIQUE"
+    return ("SAGITTAL", "CORONAL", "AXIAL")[axis]
+
+
 def read_series_files(paths: Iterable[Path | str]) -> list[Dataset]:
     """Read DICOM files; an unreadable file rejects the series (named)."""
     datasets = []
@@ -124,28 +145,94 @@ def load_series(paths: Iterable[Path | str]) -> CTVolume:
     return build_volume(read_series_files(paths))
 
 
-def build_volume(datasets: list[Dataset]) -> CTVolume:
-    """Check that ``datasets`` form one consistent CT volume and build it.
+@dataclass(frozen=True)
+class SeriesGeometry:
+    """The checked geometry of a series, from headers only (no pixel data needed).
 
-    Raises :class:`SeriesRejected` with a human-readable reason otherwise.
+    ``datasets`` are the distinct instances (duplicates of one SOP Instance UID
+    dropped), in slice order for single-frame CT, or the one Enhanced CT
+    instance; ``frames[k]`` is slice ``k`` in order along ``slice_direction``.
+    """
+
+    datasets: list[Dataset]
+    frames: list[SourceFrame]
+    row_direction: np.ndarray
+    column_direction: np.ndarray
+    slice_direction: np.ndarray
+    pixel_spacing: tuple[float, float]
+    slice_spacing: float
+    rows: int
+    columns: int
+
+    @property
+    def slice_count(self) -> int:
+        return len(self.frames)
+
+    @property
+    def coverage_mm(self) -> float:
+        """Length covered along the normal: first to last slice centre plus one spacing."""
+        first, last = (float(np.dot(f.position, self.slice_direction)) for f in (self.frames[0], self.frames[-1]))
+        return abs(last - first) + self.slice_spacing
+
+
+def check_geometry(datasets: list[Dataset], *, require_ct: bool = True) -> SeriesGeometry:
+    """Check that the headers of ``datasets`` form one consistent volume.
+
+    One series and SOP class, one Frame of Reference, one orientation, image
+    size and pixel spacing, no two slices at one position, no missing slices,
+    regular spacing, no gantry tilt or shear. Raises :class:`SeriesRejected`
+    with the first problem found. ``require_ct=False`` checks the geometry of
+    a series whatever its SOP class (the eligibility rules report that apart).
     """
     if not datasets:
         raise SeriesRejected("no instances")
     _require_same(datasets, "SeriesInstanceUID", "more than one Series Instance UID")
     _require_same(datasets, "SOPClassUID", "mixed SOP classes")
-    sop_class = datasets[0].SOPClassUID
-    if sop_class not in CT_SOP_CLASSES:
+    sop_class = datasets[0].get("SOPClassUID")
+    if require_ct and sop_class not in CT_SOP_CLASSES:
         raise SeriesRejected(f"SOP class {sop_class} is not CT Image or Enhanced CT Image")
     # Duplicates (same SOP Instance UID received twice) are harmless: keep one.
     unique: dict[str, Dataset] = {}
-    for ds in datasets:
-        unique.setdefault(str(ds.SOPInstanceUID), ds)
+    for i, ds in enumerate(datasets):
+        unique.setdefault(str(ds.get("SOPInstanceUID") or f"#{i}"), ds)
     datasets = list(unique.values())
     if sop_class == ENHANCED_CT_IMAGE_STORAGE:
         if len(datasets) != 1:
             raise SeriesRejected(f"{len(datasets)} Enhanced CT instances in one series; expected one")
-        return _build_enhanced(datasets[0])
-    return _build_classic(datasets)
+        return _enhanced_geometry(datasets[0])
+    return _classic_geometry(datasets)
+
+
+def build_volume(datasets: list[Dataset]) -> CTVolume:
+    """Check that ``datasets`` form one consistent CT volume and build it.
+
+    Raises :class:`SeriesRejected` with a human-readable reason otherwise.
+    """
+    geometry = check_geometry(datasets)
+    hu = np.empty((geometry.slice_count, geometry.rows, geometry.columns), dtype=np.float32)
+    if geometry.datasets[0].SOPClassUID == ENHANCED_CT_IMAGE_STORAGE:
+        ds = geometry.datasets[0]
+        pixels = _pixel_array(ds, "Enhanced CT")
+        if pixels.ndim == 2:
+            pixels = pixels[np.newaxis]
+        for k, frame in enumerate(geometry.frames):
+            index = frame.frame_number - 1
+            hu[k] = _hu(pixels[index], *_frame_rescale(ds, index))
+    else:
+        for k, ds in enumerate(geometry.datasets):
+            slope = float(getattr(ds, "RescaleSlope", 1) or 1)
+            intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
+            hu[k] = _hu(_pixel_array(ds, f"slice {k + 1}"), slope, intercept)
+    return CTVolume(
+        datasets=geometry.datasets,
+        frames=geometry.frames,
+        hu=hu,
+        row_direction=geometry.row_direction,
+        column_direction=geometry.column_direction,
+        slice_direction=geometry.slice_direction,
+        pixel_spacing=geometry.pixel_spacing,
+        slice_spacing=geometry.slice_spacing,
+    )
 
 
 def _require_same(datasets: list[Dataset], keyword: str, reason: str) -> None:
@@ -213,13 +300,13 @@ def _pixel_array(ds: Dataset, where: str) -> np.ndarray:
         raise SeriesRejected(f"{where}: pixel data cannot be decoded (transfer syntax {ts}): {exc}") from exc
 
 
-def _build_classic(datasets: list[Dataset]) -> CTVolume:
+def _classic_geometry(datasets: list[Dataset]) -> SeriesGeometry:
     first = datasets[0]
     _require_same(datasets, "FrameOfReferenceUID", "different Frame of Reference UIDs")
     if not getattr(first, "FrameOfReferenceUID", None):
         raise SeriesRejected("Frame of Reference UID missing")
     row, col, normal = _orientation(getattr(first, "ImageOrientationPatient", None), "first slice")
-    rows, cols = int(first.Rows), int(first.Columns)
+    rows, cols = _size(first, "first slice")
     spacing_rc = getattr(first, "PixelSpacing", None)
     if spacing_rc is None or len(spacing_rc) != 2:
         raise SeriesRejected("Pixel Spacing missing")
@@ -228,8 +315,9 @@ def _build_classic(datasets: list[Dataset]) -> CTVolume:
         r2, c2, _ = _orientation(getattr(ds, "ImageOrientationPatient", None), f"instance {i + 1}")
         if np.dot(r2, row) < 1 - ORIENTATION_TOLERANCE or np.dot(c2, col) < 1 - ORIENTATION_TOLERANCE:
             raise SeriesRejected("mixed image orientations in one series")
-        if (int(ds.Rows), int(ds.Columns)) != (rows, cols):
-            raise SeriesRejected(f"mixed image sizes ({rows}x{cols} and {int(ds.Rows)}x{int(ds.Columns)})")
+        size = _size(ds, f"instance {i + 1}")
+        if size != (rows, cols):
+            raise SeriesRejected(f"mixed image sizes ({rows}x{cols} and {size[0]}x{size[1]})")
         if [float(v) for v in (getattr(ds, "PixelSpacing", None) or [])] != [float(v) for v in spacing_rc]:
             raise SeriesRejected("mixed pixel spacings in one series")
         ipp = getattr(ds, "ImagePositionPatient", None)
@@ -237,26 +325,27 @@ def _build_classic(datasets: list[Dataset]) -> CTVolume:
             raise SeriesRejected(f"instance {i + 1}: Image Position (Patient) missing")
         positions.append(np.asarray([float(v) for v in ipp]))
     order, spacing = _sort_and_check_positions(positions, normal)
-    ordered = [datasets[i] for i in order]
-    hu = np.empty((len(ordered), rows, cols), dtype=np.float32)
-    for k, ds in enumerate(ordered):
-        slope = float(getattr(ds, "RescaleSlope", 1) or 1)
-        intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
-        hu[k] = _hu(_pixel_array(ds, f"slice {k + 1}"), slope, intercept)
-    frames = [
-        SourceFrame(dataset_index=k, frame_number=1, position=tuple(positions[i]))
-        for k, i in enumerate(order)
-    ]
-    return CTVolume(
-        datasets=ordered,
-        frames=frames,
-        hu=hu,
+    return SeriesGeometry(
+        datasets=[datasets[i] for i in order],
+        frames=[
+            SourceFrame(dataset_index=k, frame_number=1, position=tuple(positions[i]))
+            for k, i in enumerate(order)
+        ],
         row_direction=row,
         column_direction=col,
         slice_direction=normal,
         pixel_spacing=(float(spacing_rc[0]), float(spacing_rc[1])),
         slice_spacing=spacing,
+        rows=rows,
+        columns=cols,
     )
+
+
+def _size(ds: Dataset, where: str) -> tuple[int, int]:
+    rows, cols = ds.get("Rows"), ds.get("Columns")
+    if rows is None or cols is None:
+        raise SeriesRejected(f"{where}: Rows or Columns missing")
+    return int(rows), int(cols)
 
 
 def _functional(ds: Dataset, frame_index: int, sequence: str) -> Dataset | None:
@@ -272,47 +361,51 @@ def _functional(ds: Dataset, frame_index: int, sequence: str) -> Dataset | None:
     return None
 
 
-def _build_enhanced(ds: Dataset) -> CTVolume:
+def _frame_rescale(ds: Dataset, frame_index: int) -> tuple[float, float]:
+    """Rescale slope and intercept of one Enhanced CT frame (Pixel Value Transformation)."""
+    transform = _functional(ds, frame_index, "PixelValueTransformationSequence")
+    if transform is None:
+        return 1.0, 0.0
+    return float(getattr(transform, "RescaleSlope", 1) or 1), float(getattr(transform, "RescaleIntercept", 0) or 0)
+
+
+def _enhanced_geometry(ds: Dataset) -> SeriesGeometry:
     if not getattr(ds, "FrameOfReferenceUID", None):
         raise SeriesRejected("Frame of Reference UID missing")
     n_frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     row = col = normal = None
     spacing_rc = None
     positions = []
-    transforms = []
     for f in range(n_frames):
         orient = _functional(ds, f, "PlaneOrientationSequence")
         measures = _functional(ds, f, "PixelMeasuresSequence")
         position = _functional(ds, f, "PlanePositionSequence")
         if orient is None or measures is None or position is None:
             raise SeriesRejected(f"frame {f + 1}: plane orientation, position or pixel measures missing")
-        r2, c2, n2 = _orientation(orient.ImageOrientationPatient, f"frame {f + 1}")
+        r2, c2, n2 = _orientation(orient.get("ImageOrientationPatient"), f"frame {f + 1}")
+        pixel_spacing = [float(v) for v in (measures.get("PixelSpacing") or [])]
+        if len(pixel_spacing) != 2:
+            raise SeriesRejected(f"frame {f + 1}: Pixel Spacing missing")
         if row is None:
-            row, col, normal, spacing_rc = r2, c2, n2, [float(v) for v in measures.PixelSpacing]
+            row, col, normal, spacing_rc = r2, c2, n2, pixel_spacing
         elif np.dot(r2, row) < 1 - ORIENTATION_TOLERANCE or np.dot(c2, col) < 1 - ORIENTATION_TOLERANCE:
             raise SeriesRejected("mixed image orientations in one series")
-        elif [float(v) for v in measures.PixelSpacing] != spacing_rc:
+        elif pixel_spacing != spacing_rc:
             raise SeriesRejected("mixed pixel spacings in one series")
-        positions.append(np.asarray([float(v) for v in position.ImagePositionPatient]))
-        transform = _functional(ds, f, "PixelValueTransformationSequence")
-        slope = float(getattr(transform, "RescaleSlope", 1) or 1) if transform is not None else 1.0
-        intercept = float(getattr(transform, "RescaleIntercept", 0) or 0) if transform is not None else 0.0
-        transforms.append((slope, intercept))
+        ipp = position.get("ImagePositionPatient")
+        if ipp is None or len(ipp) != 3:
+            raise SeriesRejected(f"frame {f + 1}: Image Position (Patient) missing")
+        positions.append(np.asarray([float(v) for v in ipp]))
     order, spacing = _sort_and_check_positions(positions, normal)
-    pixels = _pixel_array(ds, "Enhanced CT")
-    if n_frames == 1:
-        pixels = pixels[np.newaxis]
-    hu = np.empty((n_frames, int(ds.Rows), int(ds.Columns)), dtype=np.float32)
-    for k, f in enumerate(order):
-        hu[k] = _hu(pixels[f], *transforms[f])
-    frames = [SourceFrame(dataset_index=0, frame_number=int(f) + 1, position=tuple(positions[f])) for f in order]
-    return CTVolume(
+    rows, cols = _size(ds, "Enhanced CT")
+    return SeriesGeometry(
         datasets=[ds],
-        frames=frames,
-        hu=hu,
+        frames=[SourceFrame(dataset_index=0, frame_number=int(f) + 1, position=tuple(positions[f])) for f in order],
         row_direction=row,
         column_direction=col,
         slice_direction=normal,
         pixel_spacing=(spacing_rc[0], spacing_rc[1]),
         slice_spacing=spacing,
+        rows=rows,
+        columns=cols,
     )

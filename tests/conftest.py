@@ -184,10 +184,11 @@ class NodeProcess:
     args: list[str]
     log: Path
     proc: subprocess.Popen | None = None
+    http_port: int = field(default_factory=free_port)
 
     def start(self) -> None:
         cmd = [sys.executable, "-m", "node", "serve", "--data-dir", str(self.data_dir), "--port", str(self.port),
-               *self.args]
+               "--http-port", str(self.http_port), *self.args]
         self.proc = subprocess.Popen(cmd, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, cwd=REPO)
 
         def ready() -> bool:

@@ -23,7 +23,9 @@ from pipelines.volume import (
     ENHANCED_CT_IMAGE_STORAGE,
     CTVolume,
     build_volume,
+    check_geometry,
     load_series,
+    plane_of,
 )
 
 SINGLE = DATA / "single-slices"
@@ -379,6 +381,79 @@ def test_jpeg2000_slices_decode_into_a_volume() -> None:
     intercept = float(source.get("RescaleIntercept", 0))
     for k in range(3):
         np.testing.assert_allclose(volume.hu[k], reference * slope + intercept)
+
+
+# --------------------------------------------------------------------------- geometry from headers only
+
+
+def _headers(paths: list[Path]) -> list[Dataset]:
+    return [pydicom.dcmread(str(p), stop_before_pixels=True) for p in paths]
+
+
+def test_check_geometry_needs_no_pixel_data() -> None:
+    headers = _headers(abdomen_files())
+    assert all("PixelData" not in ds for ds in headers)
+    shuffled = headers[:]
+    random.Random(11).shuffle(shuffled)
+    geometry = check_geometry(shuffled)
+    volume = load_series(abdomen_files())
+    assert geometry.slice_count == 112 and (geometry.rows, geometry.columns) == (101, 122)
+    assert [str(ds.SOPInstanceUID) for ds in geometry.datasets] == [str(ds.SOPInstanceUID) for ds in volume.datasets]
+    assert geometry.frames == volume.frames
+    assert geometry.slice_spacing == pytest.approx(volume.slice_spacing)
+    assert geometry.pixel_spacing == volume.pixel_spacing
+    np.testing.assert_allclose(geometry.slice_direction, volume.slice_direction)
+    assert geometry.coverage_mm == pytest.approx(112 * 3.0)
+
+
+def test_check_geometry_on_enhanced_ct_headers() -> None:
+    geometry = check_geometry(_headers([SINGLE / "eCT_Supplemental.dcm"]))
+    assert geometry.slice_count == 2 and geometry.slice_spacing == pytest.approx(10.0)
+    # frame 1 is at z -159, frame 2 at -149; the normal points to the feet (-z), so frame 2 comes first
+    assert [f.frame_number for f in geometry.frames] == [2, 1]
+    assert geometry.coverage_mm == pytest.approx(20.0)
+
+
+def test_check_geometry_gives_build_volumes_reasons_on_headers() -> None:
+    headers = _headers(abdomen_files()[:40])
+    del headers[20]
+    with pytest.raises(SeriesRejected, match="missing slices: gap of 6.00 mm"):
+        check_geometry(headers)
+    headers = _headers(abdomen_files()[:12])
+    headers[4].FrameOfReferenceUID = generate_uid()
+    with pytest.raises(SeriesRejected, match="different Frame of Reference UIDs"):
+        check_geometry(headers)
+
+
+def test_check_geometry_of_a_non_ct_series_only_when_asked() -> None:
+    headers = _headers(abdomen_files()[:12])
+    for ds in headers:
+        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4"  # MR Image Storage
+    with pytest.raises(SeriesRejected, match="is not CT Image"):
+        check_geometry(headers)
+    assert check_geometry(headers, require_ct=False).slice_count == 12
+
+
+def test_instances_without_sop_instance_uid_are_not_merged() -> None:
+    headers = _headers(abdomen_files()[:12])
+    for ds in headers:
+        del ds.SOPInstanceUID
+    assert check_geometry(headers).slice_count == 12
+
+
+@pytest.mark.parametrize(
+    ("normal", "plane"),
+    [
+        ((0, 0, 1), "AXIAL"),
+        ((0, 0, -1), "AXIAL"),
+        ((0, -np.sin(np.deg2rad(15)), np.cos(np.deg2rad(15))), "AXIAL"),  # tilted 15 degrees
+        ((0, 1, 0), "CORONAL"),
+        ((-1, 0, 0), "SAGITTAL"),
+        ((0, np.sin(np.deg2rad(40)), np.cos(np.deg2rad(40))), "OBLIQUE"),
+    ],
+)
+def test_plane_of_a_slice_normal(normal: tuple[float, float, float], plane: str) -> None:
+    assert plane_of(normal) == plane
 
 
 def test_volume_is_plain_data() -> None:

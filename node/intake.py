@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import struct
 import uuid
 from dataclasses import dataclass
 from io import BytesIO
@@ -18,8 +19,9 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filewriter import write_file_meta_info
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
+from pydicom.tag import Tag
 from pydicom.uid import UID
 
 from node.config import NodeConfig
@@ -117,6 +119,46 @@ def read_header(ds: Dataset) -> InstanceHeader:
         images_in_acquisition=positive_int("ImagesInAcquisition"),
         number_of_frames=positive_int("NumberOfFrames"),
     )
+
+
+#: What the intake reads of a received dataset: identity, geometry for early completion, pixel size checks.
+HEADER_TAGS = [
+    Tag(keyword)
+    for keyword in (
+        "SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
+        "ImagesInAcquisition", "ImagePositionPatient", "ImageOrientationPatient", "SamplesPerPixel", "Rows",
+        "Columns", "BitsAllocated", "NumberOfFrames", "PixelData",
+    )
+]
+
+
+def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
+    if vr == b"OB":
+        return struct.pack("<HH2sHI", 0x0002, element, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+def _padded(text: str, pad: bytes) -> bytes:
+    raw = text.encode("ascii")
+    return raw + pad if len(raw) % 2 else raw
+
+
+def file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, source_ae: str) -> bytes:
+    """Preamble, prefix and File Meta Information group (PS3.10 7.1) for a received dataset.
+
+    The same bytes pydicom's ``write_file_meta_info`` writes (a test checks
+    this), in a few microseconds instead of half a millisecond per instance.
+    """
+    body = b"".join((
+        _meta_element(0x0001, b"OB", b"\x00\x01"),
+        _meta_element(0x0002, b"UI", _padded(sop_class_uid, b"\0")),
+        _meta_element(0x0003, b"UI", _padded(sop_instance_uid, b"\0")),
+        _meta_element(0x0010, b"UI", _padded(transfer_syntax, b"\0")),
+        _meta_element(0x0012, b"UI", _padded(IMPLEMENTATION_CLASS_UID, b"\0")),
+        _meta_element(0x0013, b"SH", _padded(IMPLEMENTATION_VERSION_NAME, b" ")),
+        *([_meta_element(0x0016, b"AE", _padded(source_ae, b" "))] if source_ae else []),
+    ))
+    return b"\0" * 128 + b"DICM" + _meta_element(0x0000, b"UL", struct.pack("<I", len(body))) + body
 
 
 def check_pixel_data(ds: Dataset, transfer_syntax: UID, total_length: int | None = None) -> None:
@@ -287,17 +329,14 @@ class IncomingInstance:
             return
         try:
             self.tmp = intake.spool.incoming_dir / f".{uuid.uuid4().hex}.part"
-            self.file = open(self.tmp, "w+b")
-            meta = FileMetaDataset()
-            meta.MediaStorageSOPClassUID = sop_class_uid
-            meta.MediaStorageSOPInstanceUID = sop_instance_uid
-            meta.TransferSyntaxUID = self.transfer_syntax
-            meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-            meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-            meta.SourceApplicationEntityTitle = source[:16]
-            self.file.write(b"\0" * 128 + b"DICM")
-            write_file_meta_info(self.file, meta, enforce_standard=True)  # type: ignore[arg-type]
-            self.dataset_offset = self.file.tell()
+            check_uid(sop_instance_uid, "Affected SOP Instance UID")
+            self.file = open(self.tmp, "w+b", buffering=1 << 20)  # few large writes, not one per PDU
+            self.dataset_offset = self.file.write(
+                file_meta_bytes(sop_class_uid, sop_instance_uid, str(self.transfer_syntax), source[:16].strip())
+            )
+        except SpoolError as exc:
+            self.discard()
+            self.refusal = IntakeResult(CANNOT_UNDERSTAND, str(exc), sop_class_uid, sop_instance_uid)
         except (OSError, ValueError) as exc:
             self.discard()
             self.refusal = IntakeResult(OUT_OF_RESOURCES, f"cannot store: {exc}", sop_class_uid, sop_instance_uid)
@@ -331,8 +370,13 @@ class IncomingInstance:
         assert self.file is not None and self.tmp is not None
         try:
             self.file.flush()
-            self.file.seek(0)
-            ds = pydicom.dcmread(self.file, defer_size=4096)
+            if self.transfer_syntax.is_deflated:
+                self.file.seek(0)
+                ds = pydicom.dcmread(self.file, defer_size=4096, specific_tags=HEADER_TAGS)
+            else:
+                self.file.seek(self.dataset_offset)
+                ds = read_dataset(self.file, self.transfer_syntax.is_implicit_VR, self.transfer_syntax.is_little_endian,
+                                  defer_size=4096, specific_tags=HEADER_TAGS)
             header = read_header(ds)
             pixels = ds.get_item(0x7FE00010, keep_deferred=True)
             if pixels is None:

@@ -25,12 +25,11 @@ import threading
 import time
 import uuid
 from io import BytesIO
-from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import ALL_TRANSFER_SYNTAXES
-from pynetdicom.dsutils import decode, encode
+from pynetdicom.dsutils import decode
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
@@ -109,14 +108,78 @@ class AssociationClosed(Exception):
     """The peer closed the connection, aborted, or broke the protocol."""
 
 
-def command_set(fields: dict[str, Any]) -> bytes:
-    """Encode a DIMSE command set (implicit VR little endian, with its group length)."""
-    ds = Dataset()
-    for keyword, value in fields.items():
-        setattr(ds, keyword, value)
-    body = encode(ds, True, True)
-    assert body is not None
-    return struct.pack("<HHII", 0x0000, 0x0000, 4, len(body)) + body
+class SocketReader:
+    """Buffered reads from a socket: one ``recv_into`` fetches many PDUs at once.
+
+    :meth:`read` returns a memoryview into the buffer that stays valid only
+    until the next call; callers copy what they keep.
+    """
+
+    def __init__(self, sock: socket.socket, size: int = 1 << 20) -> None:
+        self.sock = sock
+        self.buf = bytearray(size)
+        self.view = memoryview(self.buf)
+        self.start = self.end = 0
+
+    def read(self, n: int) -> memoryview:
+        if self.end - self.start < n:
+            self._fill(n)
+        out = self.view[self.start:self.start + n]
+        self.start += n
+        return out
+
+    def _fill(self, n: int) -> None:
+        have = self.end - self.start
+        if n > len(self.buf):  # a PDU larger than the buffer: a bigger buffer
+            bigger = bytearray(n)
+            bigger[:have] = self.view[self.start:self.end]
+            self.buf, self.view = bigger, memoryview(bigger)
+            self.start, self.end = 0, have
+        elif self.start + n > len(self.buf):  # not enough room after the data: move it to the front
+            self.buf[:have] = self.view[self.start:self.end]
+            self.start, self.end = 0, have
+        while self.end - self.start < n:
+            k = self.sock.recv_into(self.view[self.end:], len(self.buf) - self.end)
+            if k == 0:
+                raise AssociationClosed("connection closed by the peer")
+            self.end += k
+
+
+def _command_element(element: int, value: bytes) -> bytes:
+    return struct.pack("<HHI", 0x0000, element, len(value)) + value
+
+
+def _even(raw: bytes, pad: bytes) -> bytes:
+    return raw + pad if len(raw) % 2 else raw
+
+
+def response_command(
+    field: int,
+    message_id: int,
+    status: int,
+    sop_class_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+    comment: str | None = None,
+) -> bytes:
+    """A DIMSE response command set without a dataset (implicit VR little endian, PS3.7 E.1).
+
+    Encoded directly (a test checks it against pydicom's reading): it is sent
+    once per instance, and building a pydicom Dataset for it costs more than
+    the rest of the response path.
+    """
+    parts = []
+    if sop_class_uid:
+        parts.append(_command_element(0x0002, _even(sop_class_uid.encode("ascii"), b"\0")))
+    parts.append(_command_element(0x0100, struct.pack("<H", field)))
+    parts.append(_command_element(0x0120, struct.pack("<H", message_id)))
+    parts.append(_command_element(0x0800, struct.pack("<H", NO_DATASET)))
+    parts.append(_command_element(0x0900, struct.pack("<H", status)))
+    if comment:
+        parts.append(_command_element(0x0902, _even(comment[:64].encode("ascii", "replace"), b" ")))
+    if sop_instance_uid:
+        parts.append(_command_element(0x1000, _even(sop_instance_uid.encode("ascii"), b"\0")))
+    body = b"".join(parts)
+    return _command_element(0x0000, struct.pack("<I", len(body))) + body
 
 
 class Association(threading.Thread):
@@ -141,25 +204,18 @@ class Association(threading.Thread):
 
     # -- socket ---------------------------------------------------------------
 
-    def _read_exact(self, n: int) -> bytearray:
-        buf = bytearray(n)
-        view = memoryview(buf)
-        got = 0
-        while got < n:
-            k = self.sock.recv_into(view[got:], n - got)
-            if k == 0:
-                raise AssociationClosed("connection closed by the peer")
-            got += k
-        return buf
-
-    def _read_pdu(self) -> tuple[int, bytearray]:
-        head = self._read_exact(6)
+    def _read_pdu(self) -> tuple[int, memoryview]:
+        """The next PDU's type and body (header included for A-ASSOCIATE-RQ), valid until the next read."""
+        head = self.reader.read(6)
         pdu_type, length = head[0], struct.unpack_from(">I", head, 2)[0]
         limit = self.config.max_pdu_size + 6 if self.config.max_pdu_size and self.established else HARD_PDU_LIMIT
         if length > limit:
             self._abort(2, 6)  # invalid PDU parameter value
             raise AssociationClosed(f"PDU of {length} bytes exceeds the limit of {limit}")
-        return pdu_type, head + self._read_exact(length) if pdu_type == ASSOCIATE_RQ else self._read_exact(length)
+        if pdu_type == ASSOCIATE_RQ:
+            header = bytes(head)
+            return pdu_type, memoryview(header + bytes(self.reader.read(length)))
+        return pdu_type, self.reader.read(length)
 
     def _abort(self, source: int = 2, reason: int = 0) -> None:
         try:
@@ -198,6 +254,7 @@ class Association(threading.Thread):
             self.sock.settimeout(self.config.network_timeout_s)
             if self.server.ssl_context is not None:
                 self.sock = self.server.ssl_context.wrap_socket(self.sock, server_side=True)
+            self.reader = SocketReader(self.sock)
             if self._negotiate():
                 released = self._serve()
         except (AssociationClosed, OSError, ssl.SSLError) as exc:
@@ -311,8 +368,8 @@ class Association(threading.Thread):
 
     # -- DIMSE ----------------------------------------------------------------
 
-    def _p_data(self, data: bytearray) -> None:
-        view = memoryview(data)
+    def _p_data(self, data: memoryview) -> None:
+        view = data
         offset, end = 0, len(data)
         while offset < end:
             length = struct.unpack_from(">I", data, offset)[0]
@@ -382,18 +439,14 @@ class Association(threading.Thread):
         self._respond(context_id, request, 0x8001, result.status, result.reason)
 
     def _respond(self, context_id: int, request: Dataset, field: int, status: int, comment: str | None = None) -> None:
-        fields: dict[str, Any] = {}
-        if "AffectedSOPClassUID" in request:
-            fields["AffectedSOPClassUID"] = request.AffectedSOPClassUID
-        fields["CommandField"] = field
-        fields["MessageIDBeingRespondedTo"] = int(request.get("MessageID", 0))
-        fields["CommandDataSetType"] = NO_DATASET
-        fields["Status"] = status
-        if "AffectedSOPInstanceUID" in request:
-            fields["AffectedSOPInstanceUID"] = request.AffectedSOPInstanceUID
-        if comment and status != SUCCESS:
-            fields["ErrorComment"] = comment[:64]
-        self._send_message(context_id, command_set(fields))
+        self._send_message(context_id, response_command(
+            field,
+            int(request.get("MessageID", 0)),
+            status,
+            str(request.AffectedSOPClassUID).rstrip("\0 ") if "AffectedSOPClassUID" in request else None,
+            str(request.AffectedSOPInstanceUID).rstrip("\0 ") if "AffectedSOPInstanceUID" in request else None,
+            comment if status != SUCCESS else None,
+        ))
 
 
 class DicomServer:

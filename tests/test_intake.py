@@ -235,3 +235,41 @@ def test_power_cut_leftovers_are_adopted(tmp_path: Path) -> None:
     row = state.get_series(str(ds.SeriesInstanceUID))
     assert row is not None and row.instance_count == 1 and row.state == "receiving"
     assert (spool.root / "1.2" / "3.4" / "5.6.dcm").exists()
+
+
+@pytest.mark.parametrize("source", ["MODALITY", "ODD", ""])
+def test_file_meta_matches_pydicom(source: str) -> None:
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filewriter import write_file_meta_info
+
+    from node.intake import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, file_meta_bytes
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    meta.MediaStorageSOPInstanceUID = "1.2.3.45"  # odd length: padded
+    meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.70"
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    if source:
+        meta.SourceApplicationEntityTitle = source
+    buffer = BytesIO()
+    buffer.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(buffer, meta, enforce_standard=True)
+    ours = file_meta_bytes(meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, meta.TransferSyntaxUID,
+                           source)
+    assert ours == buffer.getvalue()
+
+
+@pytest.mark.parametrize("comment", [None, "free disk 12 MiB below the 500 MiB watermark", "odd"])
+def test_response_command_reads_back_with_pydicom(comment: str | None) -> None:
+    from pynetdicom.dsutils import decode
+
+    from node.listener import response_command
+
+    raw = response_command(0x8001, 7, 0xA700, "1.2.840.10008.5.1.4.1.1.2", "1.2.3.4.5", comment)
+    ds = decode(BytesIO(raw), True, True)
+    assert ds.CommandGroupLength == len(raw) - 12
+    assert (ds.CommandField, ds.MessageIDBeingRespondedTo, ds.CommandDataSetType, ds.Status) == (0x8001, 7, 0x0101,
+                                                                                                0xA700)
+    assert ds.AffectedSOPClassUID == "1.2.840.10008.5.1.4.1.1.2" and ds.AffectedSOPInstanceUID == "1.2.3.4.5"
+    assert ds.get("ErrorComment") == comment

@@ -51,19 +51,22 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "pacs-ai-node-bench")
     args = parser.parse_args()
 
-    one = make_series(args.work / "series-one", args.count, tag="bench-one")
+    # New instances in every run, as a PACS sends them (no receiver replaces files it already has).
+    ones = [make_series(args.work / f"one-{r}", args.count, tag=f"bench-one-{r}") for r in range(args.repeats)]
     quarter = args.count // 4
-    four = [make_series(args.work / f"series-{k}", quarter, tag=f"bench-four-{k}") for k in range(4)]
-    mb = sum(p.stat().st_size for p in one) / 1e6
-    print(f"{len(one)} instances, {mb:.0f} MB; 4 x {quarter} for the concurrent case; max PDU {args.pdu}")
+    fours = [[make_series(args.work / f"four-{r}-{k}", quarter, tag=f"bench-four-{r}-{k}") for k in range(4)]
+             for r in range(args.repeats)]
+    mb = sum(p.stat().st_size for p in ones[0]) / 1e6
+    print(f"{args.count} instances, {mb:.0f} MB; 4 x {quarter} for the concurrent case; max PDU {args.pdu}; "
+          f"{args.repeats} runs each, new instances in every run")
 
     results: dict[str, list[float]] = {}
     out = args.work / "received"
 
     def measure(name: str, port: int, called: str, concurrent: bool) -> None:
-        for _ in range(args.repeats):
-            secs = run_concurrent(port, four, called) if concurrent else storescu(port, one, called)
-            results.setdefault(name, []).append((quarter * 4 if concurrent else len(one)) / secs)
+        for r in range(args.repeats):
+            secs = run_concurrent(port, fours[r], called) if concurrent else storescu(port, ones[r], called)
+            results.setdefault(name, []).append((quarter * 4 if concurrent else args.count) / secs)
 
     for concurrent in (False, True):
         shutil.rmtree(out, ignore_errors=True)
@@ -87,7 +90,7 @@ def main() -> int:
         f"[node]\nmax_pdu_size = {args.pdu}\n[series]\nseries_quiet_seconds = 86400\ncomplete_on_release = false\n"
     )
     port = free_port()
-    node = start_node(data_dir, port, config=config, log=args.work / "node.log")
+    node = start_node(data_dir, port, "--http-port", "0", config=config, log=args.work / "node.log")
     try:
         measure("node 1 assoc", port, "AINODE", False)
         measure("node 4 assoc", port, "AINODE", True)

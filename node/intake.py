@@ -211,11 +211,13 @@ class Intake:
         return IntakeResult(SUCCESS, None, header.sop_class_uid, header.sop_instance_uid, header.series_uid,
                             duplicate=not new)
 
-    def association_ended(self, association: str, released: bool) -> list[tuple[str, str]]:
+    def association_ended(
+        self, association: str, released: bool, why: str = "sender released the association"
+    ) -> list[tuple[str, str]]:
         """An association or STOW-RS request ended: queue the series it carried whole (if released)."""
         if not (released and self.config.complete_on_release):
             return []
-        queued = self.state.complete_released(association)
+        queued = self.state.complete_released(association, why=why)
         for series_uid, detail in queued:
             LOG.info("series %s complete (%s), queued", series_uid, detail)
         if queued and self.on_queued is not None:

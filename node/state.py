@@ -275,7 +275,9 @@ class StateStore:
         )
         return cursor.rowcount > 0
 
-    def complete_released(self, association: str, now: float | None = None) -> list[tuple[str, str]]:
+    def complete_released(
+        self, association: str, now: float | None = None, why: str = "sender released the association"
+    ) -> list[tuple[str, str]]:
         """An association (or STOW-RS request) ended normally: queue the series it carried whole.
 
         A series is queued when every one of its instances came through this
@@ -293,7 +295,7 @@ class StateStore:
                 others = db.execute(
                     "SELECT 1 FROM instances WHERE series_uid = ? AND (association IS NULL OR association != ?) "
                     "LIMIT 1", (uid, association)).fetchone()
-                if others is None and self._complete_if_gap_free(db, uid, now, "sender released the association"):
+                if others is None and self._complete_if_gap_free(db, uid, now, why):
                     detail = db.execute("SELECT completion FROM series WHERE series_uid = ?", (uid,)).fetchone()[0]
                     queued.append((uid, detail))
         return queued

@@ -366,7 +366,8 @@ class StowService:
             # The request is the STOW-RS counterpart of a released association: a
             # series it carried whole is complete now, not after the quiet period.
             try:
-                await run_in_threadpool(self.intake.association_ended, stow.request_id, True)
+                await run_in_threadpool(self.intake.association_ended, stow.request_id, True,
+                                        "STOW-RS request completed")
             except Exception:  # the instances are stored; the quiet timer completes their series
                 LOG.exception("could not evaluate the series of STOW-RS request %s", stow.request_id)
         status = response_status(stow.outcomes)

@@ -273,3 +273,34 @@ def test_response_command_reads_back_with_pydicom(comment: str | None) -> None:
                                                                                                 0xA700)
     assert ds.AffectedSOPClassUID == "1.2.840.10008.5.1.4.1.1.2" and ds.AffectedSOPInstanceUID == "1.2.3.4.5"
     assert ds.get("ErrorComment") == comment
+
+
+def test_stow_rs_through_the_running_node(start_node, tmp_path: Path) -> None:
+    """curl posts a whole series to the node's STOW-RS port; it completes on the end of the request."""
+    import subprocess
+
+    node = start_node("--quiet-seconds", "120")
+    files = series_copy(tmp_path / "stow", count=20)
+    boundary = "pacs-ai-node-test-boundary"
+    body = b"".join(
+        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + p.read_bytes() + b"\r\n" for p in files
+    ) + f"--{boundary}--\r\n".encode()
+    (tmp_path / "body").write_bytes(body)
+    done = subprocess.run(
+        ["curl", "-sS", "--max-time", "60", "-o", str(tmp_path / "response.json"), "-w", "%{http_code}",
+         "-H", f'Content-Type: multipart/related; type="application/dicom"; boundary={boundary}',
+         "-H", "Accept: application/dicom+json",
+         "--data-binary", f"@{tmp_path / 'body'}", f"http://127.0.0.1:{node.http_port}/dicom-web/studies"],
+        capture_output=True, text=True, timeout=90,
+    )
+    assert done.stdout == "200", done.stderr
+    response = json.loads((tmp_path / "response.json").read_text())
+    assert len(response["00081199"]["Value"]) == 20
+    uid = series_uid_of(files)
+    row = wait_for(lambda: (r := series_row(node.data_dir, uid)) and r["state"] == "done" and r, 60,
+                   what="series processed")
+    assert row["completion"].endswith("gap-free run of 20 slices")
+    for path in files:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        spooled = node.data_dir / "spool" / ds.StudyInstanceUID / uid / f"{ds.SOPInstanceUID}.dcm"
+        assert spooled.read_bytes() == path.read_bytes()  # byte for byte

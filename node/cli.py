@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Sequence
 
 from node.config import ConfigError, Destination, NodeConfig, load_config
-from pipelines.errors import PacsAiError
+from pipelines.errors import PacsAiError, SeriesRejected
 
 LOG = logging.getLogger("node")
 
@@ -106,6 +106,9 @@ def cmd_process(args: argparse.Namespace) -> int:
     if not groups:
         print(f"error: no DICOM series in {folder}", file=sys.stderr)
         return 1
+    from pipelines.rules import RuleSet, screen_series
+
+    rules = RuleSet.load(config.rules_file)
     analyzer = build_analyzer(config)
     processed, failures = 0, []
     stages = ["load", "eligibility", "inference", "postprocess", "encode", "write"]
@@ -113,6 +116,10 @@ def cmd_process(args: argparse.Namespace) -> int:
         for uid, paths in groups.items():
             done_before = bar.n
             try:
+                bar.set_description(f"series {uid[-12:]} rules")
+                decision = screen_series(paths, rules)
+                if not decision.eligible:
+                    raise SeriesRejected("; ".join(decision.reasons))
                 bar.set_description(f"series {uid[-12:]} load")
                 volume = load_series(paths)
                 bar.update(1)

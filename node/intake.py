@@ -25,7 +25,7 @@ from pydicom.tag import Tag
 from pydicom.uid import UID
 
 from node.config import NodeConfig
-from node.spool import Spool, SpoolError, check_uid, fsync_dir
+from node.spool import Spool, SpoolError, check_uid
 from node.state import StateStore
 from pipelines.volume import CT_SOP_CLASSES
 
@@ -384,7 +384,10 @@ class IncomingInstance:
             if pixels is None:
                 raise ValueError("no Pixel Data")
             length = getattr(pixels, "length", None)
-            if length is not None and length != 0xFFFFFFFF:
+            if self.transfer_syntax.is_deflated:
+                # Positions are in the inflated stream, not the file: check the value itself.
+                check_pixel_data(ds, self.transfer_syntax)
+            elif length is not None and length != 0xFFFFFFFF:
                 end = self.dataset_offset + self.size
                 if getattr(pixels, "value_tell", 0) + length > end:
                     raise ValueError("Pixel Data is truncated")

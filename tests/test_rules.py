@@ -426,7 +426,7 @@ def test_sequence_paths_collect_every_item() -> None:
     path = "ContrastBolusUsageSequence.ContrastBolusAgentAdministered"
     assert not passes(f'tag = "{path}"\nequals = "NO"', ds)
     assert passes(f'tag = "{path}"\ncontains = "YES"', ds)
-    assert passes(f'tag = "(0018,9341).(0018,9342)"\nin = ["NO", "YES"]', ds)
+    assert passes('tag = "(0018,9341).(0018,9342)"\nin = ["NO", "YES"]', ds)
     assert passes('tag = "ContrastBolusUsageSequence"\nempty = false', ds)
     reasons = one_rule(f'tag = "{path}"\nequals = "NO"', "given").evaluate([ds]).reasons
     assert reasons == ['given (Contrast/Bolus Agent Administered = "NO\\YES")']

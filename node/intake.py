@@ -321,6 +321,7 @@ class IncomingInstance:
         self.file: BinaryIO | None = None
         self.tmp: Path | None = None
         self.size = 0
+        self.head = bytearray()
         if sop_class_uid not in ACCEPTED_SOP_CLASSES:
             self.refusal = IntakeResult(SOP_CLASS_NOT_SUPPORTED, f"SOP class {UID(sop_class_uid).name} is not accepted",
                                         sop_class_uid, sop_instance_uid)
@@ -343,9 +344,14 @@ class IncomingInstance:
             self.discard()
             self.refusal = IntakeResult(OUT_OF_RESOURCES, f"cannot store: {exc}", sop_class_uid, sop_instance_uid)
 
+    #: The first bytes of the dataset kept in memory: the header is parsed from them.
+    HEAD_BYTES = 64 * 1024
+
     def write(self, fragment: bytes | memoryview) -> None:
         if self.file is None:
             return  # refused: the rest of the dataset is read and dropped
+        if len(self.head) < self.HEAD_BYTES:
+            self.head += fragment[:self.HEAD_BYTES - len(self.head)]
         try:
             self.file.write(fragment)
             self.size += len(fragment)
@@ -362,6 +368,22 @@ class IncomingInstance:
             self.tmp.unlink(missing_ok=True)
             self.tmp = None
 
+    def _parse_head(self) -> Dataset | None:
+        """The header tags read from the in-memory head, or None when the file must be read instead."""
+        if self.transfer_syntax.is_deflated:
+            return None
+        complete = len(self.head) >= self.size
+        try:
+            ds = read_dataset(BytesIO(self.head), self.transfer_syntax.is_implicit_VR,
+                              self.transfer_syntax.is_little_endian, defer_size=4096, specific_tags=HEADER_TAGS)
+        except Exception:
+            if complete:
+                raise  # the whole dataset was in memory: it is corrupt
+            return None
+        if not complete and ds.get_item(0x7FE00010, keep_deferred=True) is None:
+            return None
+        return ds
+
     def finish(self) -> IntakeResult:
         """Check and store the complete dataset; returns the status for the response."""
         if self.refusal is not None:
@@ -371,14 +393,18 @@ class IncomingInstance:
                                       sop_instance_uid=r.sop_instance_uid)
         assert self.file is not None and self.tmp is not None
         try:
-            self.file.flush()
-            if self.transfer_syntax.is_deflated:
-                self.file.seek(0)
-                ds = pydicom.dcmread(self.file, defer_size=4096, specific_tags=HEADER_TAGS)
-            else:
-                self.file.seek(self.dataset_offset)
-                ds = read_dataset(self.file, self.transfer_syntax.is_implicit_VR, self.transfer_syntax.is_little_endian,
-                                  defer_size=4096, specific_tags=HEADER_TAGS)
+            ds, start = self._parse_head(), 0
+            if ds is None:  # deflated, or a header longer than the head: read the file
+                self.file.flush()
+                if self.transfer_syntax.is_deflated:
+                    self.file.seek(0)
+                    ds = pydicom.dcmread(self.file, defer_size=4096, specific_tags=HEADER_TAGS)
+                else:
+                    self.file.seek(self.dataset_offset)
+                    ds = read_dataset(self.file, self.transfer_syntax.is_implicit_VR,
+                                      self.transfer_syntax.is_little_endian, defer_size=4096,
+                                      specific_tags=HEADER_TAGS)
+                    start = self.dataset_offset
             header = read_header(ds)
             pixels = ds.get_item(0x7FE00010, keep_deferred=True)
             if pixels is None:
@@ -388,7 +414,7 @@ class IncomingInstance:
                 # Positions are in the inflated stream, not the file: check the value itself.
                 check_pixel_data(ds, self.transfer_syntax)
             elif length is not None and length != 0xFFFFFFFF:
-                end = self.dataset_offset + self.size
+                end = start + self.size
                 if getattr(pixels, "value_tell", 0) + length > end:
                     raise ValueError("Pixel Data is truncated")
                 check_pixel_data(ds, self.transfer_syntax, total_length=length)
@@ -407,6 +433,7 @@ class IncomingInstance:
                 self.source, **uids,
             )
         try:
+            self.file.flush()  # all buffered bytes to the kernel, then to the disk
             os.fdatasync(self.file.fileno())
             self.file.close()
             self.file = None

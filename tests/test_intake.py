@@ -304,3 +304,32 @@ def test_stow_rs_through_the_running_node(start_node, tmp_path: Path) -> None:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         spooled = node.data_dir / "spool" / ds.StudyInstanceUID / uid / f"{ds.SOPInstanceUID}.dcm"
         assert spooled.read_bytes() == path.read_bytes()  # byte for byte
+
+
+def test_every_byte_is_in_the_file_when_it_is_fsynced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The success status promises the instance is on disk: fdatasync must see the whole file."""
+    import os
+
+    from node.config import NodeConfig
+    from node.intake import Intake
+
+    config = NodeConfig(data_dir=tmp_path / "data", min_free_disk_mb=1)
+    intake = Intake(config, Spool(config.spool_dir), StateStore(config.state_path))
+    src = abdomen_files()[0]
+    ds = pydicom.dcmread(src)
+    raw = BytesIO(src.read_bytes())
+    pydicom.filereader.read_preamble(raw, False)
+    pydicom.filereader._read_file_meta_info(raw)
+    data = raw.read()  # the dataset alone, as it travels in P-DATA
+    synced_sizes = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (synced_sizes.append(os.fstat(fd).st_size), real(fd)))
+    incoming = intake.begin(sop_class_uid=ds.SOPClassUID, sop_instance_uid=ds.SOPInstanceUID,
+                            transfer_syntax=ds.file_meta.TransferSyntaxUID, source="TEST", association="a")
+    for start in range(0, len(data), 4000):
+        incoming.write(memoryview(data)[start:start + 4000])
+    result = incoming.finish()
+    assert result.ok, result.reason
+    stored = config.spool_dir / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+    assert synced_sizes == [stored.stat().st_size]
+    assert stored.read_bytes().endswith(data)

@@ -13,6 +13,7 @@ association), single-process otherwise.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import tempfile
@@ -65,6 +66,9 @@ def main() -> int:
 
     def measure(name: str, port: int, called: str, concurrent: bool) -> None:
         for r in range(args.repeats):
+            # Start every run with no dirty pages: otherwise the write-back of what storescp
+            # wrote (without fsync) lands on the node's fsyncs, or the other way round.
+            os.sync()
             secs = run_concurrent(port, fours[r], called) if concurrent else storescu(port, ones[r], called)
             results.setdefault(name, []).append((quarter * 4 if concurrent else args.count) / secs)
 

@@ -44,6 +44,33 @@ def run_concurrent(port: int, batches: list[list[Path]], called: str) -> float:
     return time.perf_counter() - start
 
 
+def durable_write_floor(folder: Path, size: int, count: int) -> float:
+    """Seconds per instance for the node's durable-write sequence alone (no network, no parsing):
+    write to a temp file, fdatasync, rename into another folder, fsync that folder."""
+    incoming, final = folder / "incoming", folder / "final"
+    shutil.rmtree(folder, ignore_errors=True)
+    incoming.mkdir(parents=True)
+    final.mkdir()
+    data = os.urandom(size)
+    dir_fd = os.open(final, os.O_RDONLY | os.O_DIRECTORY)
+    os.sync()
+    start = time.perf_counter()
+    try:
+        for i in range(count):
+            tmp = incoming / f".{i}.part"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fdatasync(f.fileno())
+            os.replace(tmp, final / f"{i}.dcm")
+            os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    elapsed = (time.perf_counter() - start) / count
+    shutil.rmtree(folder, ignore_errors=True)
+    return elapsed
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=300)
@@ -109,6 +136,11 @@ def main() -> int:
         print(f"ratio node/storescp, {mode}: {ratio:.2f}")
     scaling = median(results["node 4 assoc"]) / median(results["node 1 assoc"])
     print(f"node scaling 4 assoc / 1 assoc: {scaling:.2f}")
+    floor = median([durable_write_floor(args.work / "floor", ones[0][0].stat().st_size, args.count)
+                    for _ in range(args.repeats)])
+    print(f"durable write alone (write, fdatasync, rename, fsync dir): {floor * 1000:.2f} ms per instance, "
+          f"a ceiling of {1 / floor:.0f} instances/s on one association = "
+          f"{(1 / floor) / median(results['storescp 1 assoc']):.2f}x storescp")
     return 0
 
 

@@ -156,6 +156,7 @@ class StateStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
+        self._write_lock = threading.Lock()
         db = self._connection()
         db.executescript(SCHEMA)
         for table, column, declaration in MIGRATIONS:
@@ -181,18 +182,30 @@ class StateStore:
             self._local.db = None
 
     class _Tx:
-        def __init__(self, db: sqlite3.Connection) -> None:
+        """One write transaction. Writers of this process take a lock first: SQLite's own
+        busy handler would make competing threads sleep in steps of milliseconds."""
+
+        def __init__(self, db: sqlite3.Connection, lock: threading.Lock) -> None:
             self.db = db
+            self.lock = lock
 
         def __enter__(self) -> sqlite3.Connection:
-            self.db.execute("BEGIN IMMEDIATE")
+            self.lock.acquire()
+            try:
+                self.db.execute("BEGIN IMMEDIATE")
+            except BaseException:
+                self.lock.release()
+                raise
             return self.db
 
         def __exit__(self, exc_type, exc, tb) -> None:  # noqa: ANN001
-            self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+            try:
+                self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+            finally:
+                self.lock.release()
 
     def _tx(self) -> "StateStore._Tx":
-        return StateStore._Tx(self._connection())
+        return StateStore._Tx(self._connection(), self._write_lock)
 
     # -- instances and series -------------------------------------------------
 

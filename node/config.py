@@ -79,6 +79,14 @@ class NodeConfig:
     http_port: int = 8080
     http_bind_address: str = "0.0.0.0"
     stow_max_request_mb: int = 4096
+    http_username: str = ""
+    http_password: str = ""
+    tls_port: int = 0
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_ca_file: Path | None = None
+    tls_require_client_cert: bool = False
+    http_tls: bool = False
     destinations: tuple[Destination, ...] = ()
     send_retry_initial_s: float = 5.0
     send_retry_max_s: float = 300.0
@@ -103,12 +111,43 @@ class NodeConfig:
                 raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
         if not 0 <= self.http_port < 65536:
             raise ConfigError(f"http_port: {self.http_port} out of range 0-65535 (0 = no HTTP port)")
+        if not 0 <= self.tls_port < 65536:
+            raise ConfigError(f"tls_port: {self.tls_port} out of range 0-65535 (0 = no DICOM TLS port)")
+        if self.tls_port and self.tls_port == self.port:
+            raise ConfigError(f"tls_port: {self.tls_port} is also the plain DICOM port")
+        if (self.tls_port or self.http_tls) and not (self.tls_cert_file and self.tls_key_file):
+            raise ConfigError("tls_cert_file and tls_key_file are needed for tls_port or http_tls")
+        if self.tls_require_client_cert and not self.tls_ca_file:
+            raise ConfigError("tls_require_client_cert needs tls_ca_file (the CA that signs client certificates)")
+        if bool(self.http_username) != bool(self.http_password):
+            raise ConfigError("http_username and http_password: set both (basic authentication) or neither")
         if self.stow_max_request_mb < 1:
             raise ConfigError(f"stow_max_request_mb: must be >= 1, got {self.stow_max_request_mb}")
         if self.max_associations < 1:
             raise ConfigError(f"max_associations: must be >= 1, got {self.max_associations}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"log_level: {self.log_level!r} is not DEBUG, INFO, WARNING or ERROR")
+
+    def server_ssl_context(self, client_certificates: bool = True) -> "ssl.SSLContext":
+        """TLS for the node's own listeners (PS3.15 B.12: TLS 1.2 or newer).
+
+        With ``client_certificates`` (the DICOM TLS port), client certificates
+        are requested when ``tls_ca_file`` is set and required when
+        ``tls_require_client_cert`` is true; the HTTPS port relies on basic
+        authentication instead.
+        """
+        import ssl
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_cert_chain(str(self.tls_cert_file), str(self.tls_key_file))
+            if client_certificates and self.tls_ca_file:
+                context.load_verify_locations(cafile=str(self.tls_ca_file))
+                context.verify_mode = ssl.CERT_REQUIRED if self.tls_require_client_cert else ssl.CERT_OPTIONAL
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"TLS certificate, key or CA file cannot be used: {exc}") from exc
+        return context
 
     @property
     def spool_dir(self) -> Path:
@@ -134,7 +173,8 @@ class NodeConfig:
 _SECTIONS = {
     "node": {"ae_title", "port", "bind_address", "data_dir", "allowed_calling_ae_titles", "max_pdu_size",
              "max_associations", "min_free_disk_mb", "network_timeout_s", "log_level"},
-    "http": {"http_port", "http_bind_address", "stow_max_request_mb"},
+    "http": {"http_port", "http_bind_address", "stow_max_request_mb", "http_username", "http_password"},
+    "tls": {"tls_port", "tls_cert_file", "tls_key_file", "tls_ca_file", "tls_require_client_cert", "http_tls"},
     "series": {"series_quiet_seconds", "complete_on_release", "rules_file"},
     "send": {"destinations", "send_retry_initial_s", "send_retry_max_s", "send_connect_timeout_s"},
     "models": {"models_dir", "model", "require_gpu"},
@@ -152,9 +192,9 @@ def _is_ipv6(host: str) -> bool:
 
 def _coerce(key: str, value: Any, base: Path) -> Any:
     default = getattr(NodeConfig, key, None)
-    if key == "rules_file" and value == "":
-        return None  # the built-in default rules
-    if key in ("data_dir", "models_dir", "rules_file"):
+    if key in ("rules_file", "tls_cert_file", "tls_key_file", "tls_ca_file") and value == "":
+        return None  # the built-in default rules / no file
+    if key in ("data_dir", "models_dir", "rules_file", "tls_cert_file", "tls_key_file", "tls_ca_file"):
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{key}: expected a path string, got {value!r}")
         path = Path(value).expanduser()

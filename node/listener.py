@@ -452,10 +452,17 @@ class Association(threading.Thread):
 class DicomServer:
     """The node's DICOM SCP: an accept loop and one :class:`Association` thread per connection."""
 
-    def __init__(self, config: NodeConfig, intake: Intake, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        intake: Intake,
+        ssl_context: ssl.SSLContext | None = None,
+        port: int | None = None,
+    ) -> None:
         self.config = config
         self.intake = intake
         self.ssl_context = ssl_context
+        self.port = config.port if port is None else port
         self.contexts = supported_contexts()
         self._lock = threading.Lock()
         self._associations: set[Association] = set()
@@ -468,7 +475,7 @@ class DicomServer:
         family = socket.AF_INET6 if ":" in self.config.bind_address else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.config.bind_address, self.config.port))
+        sock.bind((self.config.bind_address, self.port))
         sock.listen(64)
         sock.settimeout(0.5)  # so that stop() is noticed
         self._sock = sock
@@ -478,7 +485,7 @@ class DicomServer:
             "listening as %s on %s:%d%s (calling AE allow-list: %s)",
             self.config.ae_title,
             self.config.bind_address,
-            self.config.port,
+            self.port,
             " with TLS" if self.ssl_context else "",
             ", ".join(self.config.allowed_calling_ae_titles) or "any",
         )
@@ -521,13 +528,17 @@ class DicomServer:
         with self._lock:
             return [a for a in self._associations if a.established and a.is_alive()]
 
-    def stop(self, drain_seconds: float = 30.0) -> None:
-        """Stop accepting, let established associations finish (bounded), abort the rest."""
+    def close(self) -> None:
+        """Stop accepting new connections (associations in progress go on)."""
         self._closing.set()
         if self._sock is not None:
             self._sock.close()
         if self._thread is not None:
             self._thread.join(timeout=5)
+
+    def stop(self, drain_seconds: float = 30.0) -> None:
+        """Stop accepting, let established associations finish (bounded), abort the rest."""
+        self.close()
         deadline = time.monotonic() + drain_seconds
         while self.established() and time.monotonic() < deadline:
             time.sleep(0.05)

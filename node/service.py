@@ -138,11 +138,17 @@ class Node:
         self._wake_worker = threading.Event()
         self._wake_sender = threading.Event()
         self.intake = Intake(config, self.spool, self.state, on_queued=self._wake_worker.set)
-        self.listener = DicomServer(config, self.intake)
+        self.listeners = [DicomServer(config, self.intake)]
+        if config.tls_port:
+            self.listeners.append(DicomServer(config, self.intake, ssl_context=config.server_ssl_context(),
+                                              port=config.tls_port))
         self.http: HttpServer | None = None
         if config.http_port:
-            app = create_app(self.intake, max_request_bytes=config.stow_max_request_mb * 2**20)
-            self.http = HttpServer(app, config.http_bind_address, config.http_port)
+            credentials = (config.http_username, config.http_password) if config.http_username else None
+            app = create_app(self.intake, max_request_bytes=config.stow_max_request_mb * 2**20,
+                             credentials=credentials)
+            self.http = HttpServer(app, config.http_bind_address, config.http_port,
+                                   ssl_context=config.server_ssl_context(False) if config.http_tls else None)
         self.sender = Sender(config, self.state)
         self._threads: list[threading.Thread] = []
 
@@ -155,15 +161,21 @@ class Node:
         requeued = self.state.requeue_interrupted()
         if requeued:
             LOG.info("%d series interrupted by the last shutdown are queued again", len(requeued))
-        self.listener.start()
-        if self.http is not None:
-            try:
+        started: list[DicomServer] = []
+        try:
+            for listener in self.listeners:
+                listener.start()
+                started.append(listener)
+            if self.http is not None:
                 self.http.start()
-            except Exception:
-                self.listener.stop(0)
-                raise
-            LOG.info("DICOMweb STOW-RS on http://%s:%d/studies (and /dicom-web/studies)",
-                     self.config.http_bind_address, self.http.port)
+        except Exception:
+            for listener in started:
+                listener.stop(0)
+            raise
+        if self.http is not None:
+            LOG.info("DICOMweb STOW-RS on %s://%s:%d/studies (and /dicom-web/studies)%s",
+                     "https" if self.config.http_tls else "http", self.config.http_bind_address, self.http.port,
+                     ", basic authentication" if self.config.http_username else "")
         self._threads = [
             threading.Thread(target=self._work_loop, name="worker", daemon=True),
             threading.Thread(target=self._send_loop, name="sender", daemon=True),
@@ -185,9 +197,12 @@ class Node:
 
     def _shutdown(self) -> None:
         LOG.info("stopping: no new associations; waiting for those in progress")
+        for listener in self.listeners:
+            listener.close()  # all ports stop accepting first, then each drains
         if self.http is not None:
             self.http.stop()
-        self.listener.stop(ASSOCIATION_DRAIN_SECONDS)
+        for listener in self.listeners:
+            listener.stop(ASSOCIATION_DRAIN_SECONDS)
         for thread in self._threads:
             thread.join(timeout=60)
             if thread.is_alive():

@@ -73,8 +73,11 @@ The client address in logs and in the state's ``calling_ae`` column
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
+import secrets
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -89,6 +92,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
@@ -495,12 +499,14 @@ def create_app(
     base_paths: Sequence[str] = DEFAULT_BASE_PATHS,
     max_part_bytes: int = DEFAULT_MAX_PART_BYTES,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    credentials: tuple[str, str] | None = None,
 ) -> Starlette:
     """The node's HTTP application with the STOW-RS routes under each of ``base_paths``.
 
     ``max_part_bytes`` bounds the memory one instance may take (a larger part
     fails with 0xA700); ``max_request_bytes`` bounds a request body (413).
-    Other routes (status page, metrics) can be added to ``app.router``.
+    ``credentials`` (user, password) require HTTP basic authentication on
+    every route. Other routes (status page, metrics) can be added to ``app.router``.
     """
     if not isinstance(intake, Intake):
         raise TypeError(f"intake: expected an Intake, got {type(intake).__name__}")
@@ -519,9 +525,36 @@ def create_app(
     for base in base_paths:
         routes.append(Route(f"{base}/studies", service.store, methods=["POST"]))
         routes.append(Route(f"{base}/studies/{{study}}", service.store, methods=["POST"]))
-    app = Starlette(routes=routes)
+    middleware = [Middleware(BasicAuth, username=credentials[0], password=credentials[1])] if credentials else []
+    app = Starlette(routes=routes, middleware=middleware)
     app.state.stow = service
     return app
+
+
+class BasicAuth:
+    """ASGI middleware: HTTP basic authentication (RFC 7617) on every request; 401 otherwise."""
+
+    def __init__(self, app: Any, username: str, password: str) -> None:
+        if not username or not password:
+            raise ValueError("basic authentication needs a user name and a password")
+        self.app = app
+        self.expected = base64.b64encode(f"{username}:{password}".encode()).decode()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() == "basic" and secrets.compare_digest(token.strip(), self.expected):
+            await self.app(scope, receive, send)
+            return
+        client = (scope.get("client") or ("?",))[0]
+        LOG.warning("HTTP %s %s from %s refused: %s", scope.get("method"), scope.get("path"), client,
+                    "wrong credentials" if header else "no credentials")
+        response = PlainTextResponse("authentication required\n", status_code=401,
+                                     headers={"WWW-Authenticate": 'Basic realm="pacs-ai-node"'})
+        await response(scope, receive, send)
 
 
 class HttpServer:
@@ -541,6 +574,7 @@ class HttpServer:
         graceful_timeout_s: float = 30.0,
         limit_concurrency: int | None = None,
         start_timeout_s: float = 10.0,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         if not isinstance(port, int) or not 0 <= port < 65536:
             raise ValueError(f"port: {port!r} out of range 0-65535")
@@ -554,6 +588,7 @@ class HttpServer:
         self.graceful_timeout_s = graceful_timeout_s
         self.limit_concurrency = limit_concurrency
         self.start_timeout_s = start_timeout_s
+        self.ssl_context = ssl_context
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -589,6 +624,9 @@ class HttpServer:
             timeout_graceful_shutdown=max(1, round(self.graceful_timeout_s)),
             limit_concurrency=self.limit_concurrency,
         )
+        if self.ssl_context is not None:
+            config.load()
+            config.ssl = self.ssl_context  # TLS 1.2+ as the node configures it (uvicorn takes files only)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]},
                                         name=f"http-{self.port}", daemon=True)
@@ -600,7 +638,7 @@ class HttpServer:
                 sock.close()
                 raise HttpServerError(f"HTTP server on {self.host}:{self.port} did not start")
             time.sleep(0.01)
-        LOG.info("HTTP (STOW-RS) listening on %s:%d", self.host, self.port)
+        LOG.info("HTTP%s (STOW-RS) listening on %s:%d", "S" if self.ssl_context else "", self.host, self.port)
 
     def stop(self) -> None:
         """Stop accepting, let requests in progress finish (bounded), and return."""

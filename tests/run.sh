@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . deploy/bootstrap.sh
-bootstrap_debs orthanc orthanc-dicomweb dcmtk
+bootstrap_debs orthanc orthanc-dicomweb dcmtk openssl curl
 bootstrap_venv test
 # The validators (dciodvfy, tid1500reader, segimage2itkimage) are console
 # scripts of the venv; DCMTK is always called by full path (/usr/bin/storescu),

@@ -257,6 +257,10 @@ class Association(threading.Thread):
             self.reader = SocketReader(self.sock)
             if self._negotiate():
                 released = self._serve()
+        except TimeoutError:
+            self._abort(2, 0)  # ARTIM / idle timer expired: tell the peer before closing
+            LOG.warning("association from %s (%s) aborted: nothing received for %.0f s", self.calling_ae,
+                        self.address[0], self.config.network_timeout_s)
         except (AssociationClosed, OSError, ssl.SSLError) as exc:
             if self.established:
                 LOG.warning("association from %s (%s) ended abnormally: %s", self.calling_ae, self.address[0], exc)

@@ -333,3 +333,13 @@ def test_every_byte_is_in_the_file_when_it_is_fsynced(tmp_path: Path, monkeypatc
     stored = config.spool_dir / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
     assert synced_sizes == [stored.stat().st_size]
     assert stored.read_bytes().endswith(data)
+
+
+def test_an_idle_association_is_aborted_after_the_network_timeout(start_node, tmp_path: Path) -> None:
+    node = start_node("--config", str(config_file(tmp_path, "[node]\nnetwork_timeout_s = 1.0\n")))
+    ae = AE(ae_title="IDLE")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="AINODE")
+    assert assoc.is_established
+    wait_for(lambda: assoc.is_aborted, 15, interval=0.1, what="the node to abort the idle association")
+    wait_for(lambda: "nothing received for 1 s" in node.output(), 10, what="the log line")

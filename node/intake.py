@@ -25,7 +25,7 @@ from pydicom.tag import Tag
 from pydicom.uid import UID
 
 from node.config import NodeConfig
-from node.spool import Spool, SpoolError, check_uid
+from node.spool import Spool, SpoolError, check_uid, fsync_dir
 from node.state import StateStore
 from pipelines.volume import CT_SOP_CLASSES
 
@@ -197,9 +197,19 @@ class Intake:
         transfer_syntax: str,
         source: str,
         association: str | None,
+        spare: "TempFile | None" = None,
     ) -> "IncomingInstance":
-        """Start receiving one DIMSE dataset; its fragments go straight to the spool."""
-        return IncomingInstance(self, sop_class_uid, sop_instance_uid, transfer_syntax, source, association)
+        """Start receiving one DIMSE dataset; its fragments go straight to the spool.
+
+        ``spare`` is a temporary file made beforehand (:meth:`new_temp`), so that
+        creating it is not on the path between a request and its response.
+        """
+        return IncomingInstance(self, sop_class_uid, sop_instance_uid, transfer_syntax, source, association, spare)
+
+    def new_temp(self) -> "TempFile":
+        """An empty temporary file in the spool's incoming folder, open for writing and reading."""
+        path = self.spool.incoming_dir / f".{uuid.uuid4().hex}.part"
+        return TempFile(path, open(path, "w+b", buffering=1 << 20))  # few large writes, not one per PDU
 
     def record_arrival(self, header: InstanceHeader, path: Path, size: int, source: str,
                        association: str | None) -> IntakeResult:
@@ -292,6 +302,18 @@ class Intake:
             return self.refuse(OUT_OF_RESOURCES, f"cannot store: {exc}", source, **uids)
 
 
+@dataclass
+class TempFile:
+    """A temporary spool file (``.part``: removed at start if a crash left it)."""
+
+    path: Path
+    file: BinaryIO
+
+    def discard(self) -> None:
+        self.file.close()
+        self.path.unlink(missing_ok=True)
+
+
 class IncomingInstance:
     """One C-STORE dataset arriving in P-DATA fragments.
 
@@ -310,6 +332,7 @@ class IncomingInstance:
         transfer_syntax: str,
         source: str,
         association: str | None,
+        spare: TempFile | None = None,
     ) -> None:
         self.intake = intake
         self.sop_class_uid = sop_class_uid
@@ -325,15 +348,16 @@ class IncomingInstance:
         if sop_class_uid not in ACCEPTED_SOP_CLASSES:
             self.refusal = IntakeResult(SOP_CLASS_NOT_SUPPORTED, f"SOP class {UID(sop_class_uid).name} is not accepted",
                                         sop_class_uid, sop_instance_uid)
-            return
-        full = intake.disk_full_reason()
-        if full:
+        elif full := intake.disk_full_reason():
             self.refusal = IntakeResult(OUT_OF_RESOURCES, full, sop_class_uid, sop_instance_uid)
+        if self.refusal is not None:
+            if spare is not None:
+                spare.discard()
             return
         try:
-            self.tmp = intake.spool.incoming_dir / f".{uuid.uuid4().hex}.part"
+            temp = spare if spare is not None else intake.new_temp()
+            self.tmp, self.file = temp.path, temp.file
             check_uid(sop_instance_uid, "Affected SOP Instance UID")
-            self.file = open(self.tmp, "w+b", buffering=1 << 20)  # few large writes, not one per PDU
             self.dataset_offset = self.file.write(
                 file_meta_bytes(sop_class_uid, sop_instance_uid, str(self.transfer_syntax), source[:16].strip())
             )
@@ -433,12 +457,18 @@ class IncomingInstance:
                 self.source, **uids,
             )
         try:
-            self.file.flush()  # all buffered bytes to the kernel, then to the disk
+            # Every byte to the kernel, the file into place, then one flush to the disk for
+            # both: fdatasync commits the file system journal with the rename in it, so the
+            # folder fsync that follows finds (almost) nothing left to do. A crash before the
+            # fsyncs return never had a success status; a power cut may then leave this
+            # file incomplete, and the start-up check (adopt_unrecorded) quarantines it.
+            self.file.flush()
+            path = self.intake.spool.place(self.tmp, header.study_uid, header.series_uid, header.sop_instance_uid)
+            self.tmp = None
             os.fdatasync(self.file.fileno())
             self.file.close()
             self.file = None
-            path = self.intake.spool.adopt(self.tmp, header.study_uid, header.series_uid, header.sop_instance_uid)
-            self.tmp = None
+            fsync_dir(path.parent)
             return self.intake.record_arrival(header, path, self.dataset_offset + self.size, self.source,
                                               self.association)
         except (SpoolError, OSError) as exc:

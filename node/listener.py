@@ -49,6 +49,7 @@ from node.intake import (
     SUCCESS,
     Intake,
     IncomingInstance,
+    TempFile,
 )
 
 LOG = logging.getLogger(__name__)
@@ -198,6 +199,7 @@ class Association(threading.Thread):
         self.contexts: dict[int, tuple[str, str]] = {}  # context id -> (abstract syntax, transfer syntax)
         self.stored = self.refused = 0
         self._incoming: IncomingInstance | None = None
+        self._spare: TempFile | None = None  # the next instance's spool file, made while waiting for it
         self._command = bytearray()
         self._request: Dataset | None = None
         self._dataset_context = 0
@@ -272,6 +274,8 @@ class Association(threading.Thread):
         finally:
             if self._incoming is not None:
                 self._incoming.discard()
+            if self._spare is not None:
+                self._spare.discard()
             try:
                 self.sock.close()
             except OSError:
@@ -352,6 +356,7 @@ class Association(threading.Thread):
         out.from_primitive(ac)
         self.sock.sendall(out.encode())
         self.established = True
+        self._prepare_spare()
         LOG.debug("association %s from %s accepted with %d contexts", self.id, self.calling_ae, len(self.contexts))
         return True
 
@@ -406,12 +411,14 @@ class Association(threading.Thread):
             if sop_class != abstract:
                 LOG.warning("C-STORE on context %d names SOP class %s, the context %s", context_id, sop_class, abstract)
             self._request, self._dataset_context = request, context_id
+            spare, self._spare = self._spare, None
             self._incoming = self.server.intake.begin(
                 sop_class_uid=abstract,
                 sop_instance_uid=str(request.get("AffectedSOPInstanceUID", "")).rstrip("\0 "),
                 transfer_syntax=syntax,
                 source=self.calling_ae,
                 association=self.id,
+                spare=spare,
             )
         elif has_dataset:  # an operation we do not offer: read its dataset, then answer
             self._request, self._dataset_context = request, context_id
@@ -441,6 +448,15 @@ class Association(threading.Thread):
         else:
             self.refused += 1
         self._respond(context_id, request, 0x8001, result.status, result.reason)
+        self._prepare_spare()
+
+    def _prepare_spare(self) -> None:
+        """Create the next instance's spool file now, while the peer prepares its next request."""
+        if self._spare is None:
+            try:
+                self._spare = self.server.intake.new_temp()
+            except OSError as exc:  # begin() will try again and refuse with the reason
+                LOG.debug("no spare spool file: %s", exc)
 
     def _respond(self, context_id: int, request: Dataset, field: int, status: int, comment: str | None = None) -> None:
         self._send_message(context_id, response_command(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from io import BytesIO
@@ -94,12 +95,15 @@ def previous_reports(results: str | None) -> list[Dataset]:
     return out
 
 
-def adopt_unrecorded(spool: Spool, state: StateStore) -> int:
-    """Record spooled files that have no row (a power cut after the fsync, before the commit).
+def adopt_unrecorded(spool: Spool, state: StateStore, quarantine: Path | None = None) -> int:
+    """Record spooled files that have no row; move aside those that are incomplete.
 
-    Such a file was complete and fsynced, and its sender may have received a
-    success status: it must not be forgotten. Unreadable files are left in
-    place and logged.
+    A file without a row is either one whose row a power cut took away after
+    its fsyncs (complete; its sender may hold a success status: it must not
+    be forgotten), or one that was renamed into place but not yet flushed
+    when the power went (never acknowledged; possibly incomplete). Each is
+    read in full and its pixel data decoded: complete ones are recorded,
+    others go to ``quarantine`` (never deleted) with a log line.
     """
     import pydicom
 
@@ -109,9 +113,17 @@ def adopt_unrecorded(spool: Spool, state: StateStore) -> int:
         if str(path) in known:
             continue
         try:
-            header = read_header(pydicom.dcmread(path, stop_before_pixels=True))
-        except Exception as exc:  # leave it for an administrator; do not delete data
-            LOG.error("spooled file %s cannot be read (%s); left in place", path, exc)
+            ds = pydicom.dcmread(path)
+            header = read_header(ds)
+            ds.pixel_array  # noqa: B018 - decoding everything is the completeness check
+        except Exception as exc:
+            if quarantine is None:
+                LOG.error("spooled file %s is incomplete or unreadable (%s); left in place", path, exc)
+                continue
+            target = quarantine / path.relative_to(spool.root)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+            LOG.error("spooled file %s is incomplete or unreadable (%s); moved to %s", path, exc, target)
             continue
         state.record_instance(header, path=str(path), size=path.stat().st_size, calling_ae="(recovered)")
         adopted += 1
@@ -129,7 +141,7 @@ class Node:
             LOG.info("removed %d partial files left by an interrupted write", removed)
         self.state = StateStore(config.state_path)
         self.spool = Spool(config.spool_dir)
-        adopted = adopt_unrecorded(self.spool, self.state)
+        adopted = adopt_unrecorded(self.spool, self.state, quarantine=config.data_dir / "quarantine")
         if adopted:
             LOG.warning("%d spooled instances had no state record (power cut?); recorded now", adopted)
         self.analyzer = build_analyzer(config)

@@ -101,12 +101,15 @@ class Spool:
         self.incoming_dir = root / self.INCOMING
         self.incoming_dir.mkdir(exist_ok=True)
 
-    def adopt(self, tmp: Path, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
-        """Move a complete, fsynced temporary file into place durably; returns its path."""
+    def place(self, tmp: Path, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
+        """Rename a complete temporary file into place; returns its path.
+
+        New folders are made durably; the caller fsyncs the file and then the
+        folder before it reports the instance as stored.
+        """
         path = self.instance_path(study_uid, series_uid, sop_instance_uid)
         make_dirs_durably(path.parent)
         os.replace(tmp, path)
-        fsync_dir(path.parent)
         return path
 
     def files(self) -> list[Path]:

@@ -220,21 +220,26 @@ def test_late_instances_make_a_superseding_version(orthanc, start_node, tmp_path
     assert errors == []
 
 
-def test_power_cut_leftovers_are_adopted(tmp_path: Path) -> None:
-    """A spooled, fsynced file whose state row was lost (a power cut) is recorded at start."""
+def test_power_cut_leftovers_are_adopted_or_quarantined(tmp_path: Path) -> None:
+    """At start, a spooled file without a state row is recorded when complete (its row was lost
+    in a power cut after the fsyncs) and moved to quarantine when not (it was never acknowledged)."""
     spool = Spool(tmp_path / "spool")
     state = StateStore(tmp_path / "state.sqlite3")
-    src = abdomen_files()[0]
-    ds = pydicom.dcmread(src, stop_before_pixels=True)
-    path = spool.instance_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
-    write_durably(path, src.read_bytes())
+    complete, truncated = abdomen_files()[:2]
+    for src, data in ((complete, complete.read_bytes()), (truncated, truncated.read_bytes()[:-5000])):
+        ds = pydicom.dcmread(src, stop_before_pixels=True)
+        write_durably(spool.instance_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID), data)
     (spool.root / "1.2" / "3.4").mkdir(parents=True)
-    (spool.root / "1.2" / "3.4" / "5.6.dcm").write_bytes(b"not dicom")  # unreadable: left in place, not recorded
-    assert adopt_unrecorded(spool, state) == 1
-    assert adopt_unrecorded(spool, state) == 0
+    (spool.root / "1.2" / "3.4" / "5.6.dcm").write_bytes(b"not dicom")
+    quarantine = tmp_path / "quarantine"
+    assert adopt_unrecorded(spool, state, quarantine) == 1
+    assert adopt_unrecorded(spool, state, quarantine) == 0
+    ds = pydicom.dcmread(complete, stop_before_pixels=True)
     row = state.get_series(str(ds.SeriesInstanceUID))
     assert row is not None and row.instance_count == 1 and row.state == "receiving"
-    assert (spool.root / "1.2" / "3.4" / "5.6.dcm").exists()
+    assert (quarantine / "1.2" / "3.4" / "5.6.dcm").read_bytes() == b"not dicom"
+    assert len(list(quarantine.rglob("*.dcm"))) == 2
+    assert len(spool.files()) == 1
 
 
 @pytest.mark.parametrize("source", ["MODALITY", "ODD", ""])

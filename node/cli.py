@@ -6,6 +6,7 @@
     pacs-ai-node echo AET@HOST:PORT
     pacs-ai-node series list
     pacs-ai-node rules check DIR_OR_FILES... [--rules FILE]
+    pacs-ai-node outbox list|retry|purge ...
 """
 
 from __future__ import annotations
@@ -219,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     from node import cli_rules
 
     cli_rules.add_parser(sub)
+    from node import cli_outbox
+
+    cli_outbox.add_parser(sub)
     return parser
 
 

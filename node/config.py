@@ -7,12 +7,16 @@ default.
 
 from __future__ import annotations
 
-import ipaddress
+import os
 import re
 import tomllib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import ssl
+from urllib.parse import urlsplit
 
 from pipelines.errors import PacsAiError
 
@@ -34,14 +38,111 @@ def validate_ae_title(value: str, key: str) -> str:
     return value.strip()
 
 
+#: Result types a destination can take (PS3.3 modality of the result object;
+#: "SC" is any Secondary Capture Image Storage class).
+RESULT_TYPES = ("SEG", "SR", "KO", "SC")
+#: Transfer syntaxes the sender can produce from the stored Explicit VR Little
+#: Endian files without touching pixel data (PS3.5 A.1, A.2, A.5).
+TRANSFER_SYNTAXES = {
+    "explicit": "1.2.840.10008.1.2.1",
+    "implicit": "1.2.840.10008.1.2",
+    "deflated": "1.2.840.10008.1.2.1.99",
+}
+DICOM, DICOMWEB = "dicom", "dicomweb"
+#: How long an undelivered item is retried before it goes to the dead letters.
+DEFAULT_MAX_AGE_S = 7 * 24 * 3600.0
+_SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+
+
+def result_type(modality: str, sop_class_uid: str) -> str:
+    """The result type (``SEG``, ``SR``, ``KO``, ``SC``) of an object, from its Modality and SOP Class."""
+    if modality in ("SEG", "SR", "KO"):
+        return modality
+    if sop_class_uid == _SECONDARY_CAPTURE or sop_class_uid.startswith(_SECONDARY_CAPTURE + "."):
+        return "SC"
+    return modality
+
+
 @dataclass(frozen=True)
 class Destination:
-    """A DICOM peer that receives the node's results (C-STORE SCP)."""
+    """Where results go: a DICOM peer (C-STORE SCP) or a DICOMweb server (STOW-RS).
 
-    ae_title: str
-    host: str
-    port: int
+    The constructor validates every field and raises :class:`ConfigError`
+    naming it; :func:`load_config` prefixes ``send.destinations[i].``.
+    ``str(destination)`` (the name) is the outbox key of its items.
+    """
+
+    ae_title: str = ""
+    host: str = ""
+    port: int = 0
     name: str = ""
+    kind: str = DICOM
+    url: str = ""
+    results: tuple[str, ...] = RESULT_TYPES
+    transfer_syntax: str = TRANSFER_SYNTAXES["explicit"]
+    tls: bool = False
+    tls_verify: bool = True
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    username: str = ""
+    password: str = field(default="", repr=False)
+    password_env: str = ""
+    bearer_token: str = field(default="", repr=False)
+    token_env: str = ""
+    confirm: bool = False
+    max_attempts: int = 0
+    max_age_s: float = DEFAULT_MAX_AGE_S
+
+    def __post_init__(self) -> None:
+        if self.kind not in (DICOM, DICOMWEB):
+            raise ConfigError(f"kind: {self.kind!r} is not \"dicom\" or \"dicomweb\"")
+        bad = [r for r in self.results if r not in RESULT_TYPES]
+        if bad or not self.results:
+            raise ConfigError(f"results: {list(self.results)!r} must be a non-empty list of {', '.join(RESULT_TYPES)}")
+        if self.transfer_syntax not in TRANSFER_SYNTAXES.values():
+            raise ConfigError(f"transfer_syntax: {self.transfer_syntax!r} is not one of "
+                              f"{', '.join(f'{k} ({v})' for k, v in TRANSFER_SYNTAXES.items())}")
+        if self.max_attempts < 0:
+            raise ConfigError(f"max_attempts: must be >= 0 (0 = no limit), got {self.max_attempts}")
+        if self.max_age_s < 0:
+            raise ConfigError(f"max_age_s: must be >= 0 (0 = no limit), got {self.max_age_s}")
+        if self.tls_key_file is not None and self.tls_cert_file is None:
+            raise ConfigError("tls_key_file: needs tls_cert_file")
+        if self.kind == DICOM:
+            self._check_dicom()
+        else:
+            self._check_dicomweb()
+
+    def _check_dicom(self) -> None:
+        validate_ae_title(self.ae_title, "ae_title")
+        if not self.host:
+            raise ConfigError("host: missing")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"port: {self.port} out of range 1-65535")
+        for key in ("url", "username", "password", "password_env", "bearer_token", "token_env", "confirm"):
+            if getattr(self, key):
+                raise ConfigError(f"{key}: only for kind = \"dicomweb\""
+                                  + (" (Storage Commitment is not implemented)" if key == "confirm" else ""))
+
+    def _check_dicomweb(self) -> None:
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"url: {self.url!r} is not an http:// or https:// URL")
+        if parts.username or parts.password or parts.query or parts.fragment:
+            raise ConfigError(f"url: {self.url!r} must have no user, query or fragment "
+                              "(credentials go in username/password or bearer_token)")
+        for key in ("ae_title", "host", "port", "tls"):
+            if getattr(self, key):
+                raise ConfigError(f"{key}: only for kind = \"dicom\" (the URL says where and whether TLS is used)")
+        if self.password and self.password_env:
+            raise ConfigError("password_env: give password or password_env, not both")
+        if self.bearer_token and self.token_env:
+            raise ConfigError("token_env: give bearer_token or token_env, not both")
+        if (self.password or self.password_env) and not self.username:
+            raise ConfigError("username: missing (a password was given)")
+        if self.username and (self.bearer_token or self.token_env):
+            raise ConfigError("bearer_token: give username/password or a bearer token, not both")
 
     @classmethod
     def parse(cls, text: str, key: str = "--send-to") -> "Destination":
@@ -57,7 +158,34 @@ class Destination:
         return cls(ae_title=aet, host=host, port=port, name=f"{aet}@{match['host']}:{port}")
 
     def __str__(self) -> str:
-        return self.name or f"{self.ae_title}@{self.host}:{self.port}"
+        if self.name:
+            return self.name
+        if self.kind == DICOMWEB:
+            return self.url
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.ae_title}@{host}:{self.port}"
+
+    def wants(self, modality: str, sop_class_uid: str) -> bool:
+        """Whether this destination takes a result object with this Modality and SOP Class."""
+        return result_type(modality, sop_class_uid) in self.results
+
+    def secret(self) -> tuple[str, str] | None:
+        """``("basic", password)`` or ``("bearer", token)`` read now (from the environment when
+        ``password_env`` / ``token_env`` is set); None without credentials.
+
+        Raises ConfigError naming the key when the environment variable is not set.
+        """
+        for kind, value, env_key in (("basic", self.password, "password_env"), ("bearer", self.bearer_token, "token_env")):
+            variable = getattr(self, env_key)
+            if variable:
+                if variable not in os.environ:
+                    raise ConfigError(f"{env_key}: environment variable {variable} is not set")
+                return kind, os.environ[variable]
+            if value:
+                return kind, value
+        if self.username:
+            return "basic", ""
+        return None
 
 
 @dataclass(frozen=True)
@@ -91,6 +219,7 @@ class NodeConfig:
     send_retry_initial_s: float = 5.0
     send_retry_max_s: float = 300.0
     send_connect_timeout_s: float = 10.0
+    send_dimse_timeout_s: float = 60.0
     models_dir: Path = REPO_ROOT / "onnx_models"
     model: str = "body-lungs"
     require_gpu: bool = False
@@ -106,9 +235,14 @@ class NodeConfig:
         if self.max_pdu_size != 0 and self.max_pdu_size < 4096:
             raise ConfigError(f"max_pdu_size: {self.max_pdu_size} is too small (0 = unlimited, else >= 4096)")
         for name in ("series_quiet_seconds", "send_retry_initial_s", "send_retry_max_s", "send_connect_timeout_s",
-                     "network_timeout_s"):
+                     "send_dimse_timeout_s", "network_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
+        names = [str(d) for d in self.destinations]
+        for name in names:
+            if names.count(name) > 1:
+                raise ConfigError(f"destinations: {name!r} names two destinations (the name keys the outbox; "
+                                  "give each a unique name)")
         if not 0 <= self.http_port < 65536:
             raise ConfigError(f"http_port: {self.http_port} out of range 0-65535 (0 = no HTTP port)")
         if not 0 <= self.tls_port < 65536:
@@ -176,18 +310,68 @@ _SECTIONS = {
     "http": {"http_port", "http_bind_address", "stow_max_request_mb", "http_username", "http_password"},
     "tls": {"tls_port", "tls_cert_file", "tls_key_file", "tls_ca_file", "tls_require_client_cert", "http_tls"},
     "series": {"series_quiet_seconds", "complete_on_release", "rules_file"},
-    "send": {"destinations", "send_retry_initial_s", "send_retry_max_s", "send_connect_timeout_s"},
+    "send": {"destinations", "send_retry_initial_s", "send_retry_max_s", "send_connect_timeout_s",
+             "send_dimse_timeout_s"},
     "models": {"models_dir", "model", "require_gpu"},
     "results": {"research_notice"},
 }
 
 
-def _is_ipv6(host: str) -> bool:
+_DESTINATION_TYPES: dict[str, tuple[type, ...] | str] = {
+    "kind": (str,), "name": (str,), "ae_title": (str,), "host": (str,), "port": (int,), "url": (str,),
+    "results": "list", "transfer_syntax": (str,), "tls": (bool,), "tls_verify": (bool,),
+    "tls_ca_file": "path", "tls_cert_file": "path", "tls_key_file": "path", "username": (str,),
+    "password": (str,), "password_env": (str,), "bearer_token": (str,), "token_env": (str,), "confirm": (bool,),
+    "max_attempts": (int,), "max_age_s": (int, float),
+}
+
+
+def _destination(item: Any, key: str, base: Path) -> Destination:
+    """One entry of ``send.destinations``: an ``AET@HOST:PORT`` string or a table."""
+    if isinstance(item, str):
+        return Destination.parse(item, key)
+    if not isinstance(item, dict):
+        raise ConfigError(f"{key}: expected a table or a string")
+    unknown = set(item) - set(_DESTINATION_TYPES)
+    if unknown:
+        raise ConfigError(f"{key}: unknown keys {sorted(unknown)}")
+    values: dict[str, Any] = {}
+    for name, value in item.items():
+        expected = _DESTINATION_TYPES[name]
+        if expected == "path":
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"{key}.{name}: expected a path string, got {value!r}")
+            path = Path(value).expanduser()
+            path = path if path.is_absolute() else base / path
+            if not path.is_file():
+                raise ConfigError(f"{key}.{name}: {path} not found")
+            values[name] = path
+        elif expected == "list":
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{key}.{name}: expected a list of strings, got {value!r}")
+            values[name] = tuple(v.strip().upper() for v in value)
+        elif not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected):
+            words = {str: "a string", int: "an integer", bool: "true or false"}
+            raise ConfigError(f"{key}.{name}: expected {words.get(expected[0], 'a number')}, got {value!r}")
+        else:
+            values[name] = float(value) if name == "max_age_s" else value
+    if "transfer_syntax" in values:
+        values["transfer_syntax"] = TRANSFER_SYNTAXES.get(values["transfer_syntax"].lower(), values["transfer_syntax"])
+    kind = values.get("kind", DICOM)
+    if kind == DICOM:
+        for required in ("ae_title", "host", "port"):
+            if required not in values:
+                raise ConfigError(f"{key}: missing key {required!r}")
+        host = values["host"].strip()
+        values["host"] = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        values["ae_title"] = values["ae_title"].strip()
+    elif kind == DICOMWEB and "url" not in values:
+        raise ConfigError(f"{key}: missing key 'url'")
     try:
-        ipaddress.IPv6Address(host)
-    except ValueError:
-        return False
-    return True
+        destination = Destination(**values)
+    except ConfigError as exc:
+        raise ConfigError(f"{key}.{exc}") from None
+    return destination if destination.name else replace(destination, name=str(destination))
 
 
 def _coerce(key: str, value: Any, base: Path) -> Any:
@@ -206,26 +390,7 @@ def _coerce(key: str, value: Any, base: Path) -> Any:
     if key == "destinations":
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list of tables or 'AET@HOST:PORT' strings")
-        out = []
-        for i, item in enumerate(value):
-            if isinstance(item, str):
-                out.append(Destination.parse(item, f"send.destinations[{i}]"))
-            elif isinstance(item, dict):
-                unknown = set(item) - {"ae_title", "host", "port", "name"}
-                if unknown:
-                    raise ConfigError(f"send.destinations[{i}]: unknown keys {sorted(unknown)}")
-                try:
-                    host = str(item["host"])
-                    if _is_ipv6(host):
-                        host = f"[{host}]"  # an IPv6 address given as its own key needs no brackets
-                    dest = Destination.parse(f"{item['ae_title']}@{host}:{item['port']}",
-                                             f"send.destinations[{i}]")
-                except KeyError as exc:
-                    raise ConfigError(f"send.destinations[{i}]: missing key {exc.args[0]!r}") from None
-                out.append(replace(dest, name=item.get("name") or dest.name))
-            else:
-                raise ConfigError(f"send.destinations[{i}]: expected a table or a string")
-        return tuple(out)
+        return tuple(_destination(item, f"send.destinations[{i}]", base) for i, item in enumerate(value))
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true or false, got {value!r}")
@@ -275,4 +440,7 @@ def load_config(path: Path | str | None) -> NodeConfig:
         raise ConfigError(f"{path}: {exc}") from None
 
 
-__all__ = ["ConfigError", "Destination", "NodeConfig", "load_config", "validate_ae_title"]
+__all__ = [
+    "ConfigError", "Destination", "NodeConfig", "RESULT_TYPES", "TRANSFER_SYNTAXES", "load_config", "result_type",
+    "validate_ae_title",
+]

@@ -220,6 +220,8 @@ class Node:
             if thread.is_alive():
                 LOG.warning("%s still busy at shutdown; its series will be queued again at the next start",
                             thread.name)
+        if not self.sender.wait_idle(timeout=30):
+            LOG.warning("a delivery is still running at shutdown; its items are sent again at the next start")
         LOG.info("stopped")
 
     # -- worker ---------------------------------------------------------------
@@ -238,7 +240,16 @@ class Node:
                 self._wake_worker.wait(POLL_SECONDS)
                 self._wake_worker.clear()
                 continue
-            self.process_series(row.series_uid, row.updated_at)
+            try:
+                self.process_series(row.series_uid, row.updated_at)
+            except Exception as exc:  # e.g. the state store failed: the series must not stay claimed
+                LOG.exception("worker error on series %s", row.series_uid)
+                try:
+                    self.state.finish_series(row.series_uid, FAILED, f"internal error: {type(exc).__name__}: {exc}",
+                                             row.updated_at)
+                except Exception:  # requeue_interrupted picks it up at the next start
+                    LOG.exception("series %s stays in processing until the next start", row.series_uid)
+                self._stop.wait(POLL_SECONDS)
 
     def process_series(self, series_uid: str, claimed_at: float) -> str:
         """Analyse one claimed series, store and queue its results; returns the final state."""
@@ -271,8 +282,9 @@ class Node:
             series_uid,
             version,
             json.dumps([{"modality": str(ds.Modality), "path": str(path)} for ds, path in written]),
-            [(str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(path)) for ds, path in written],
-            destinations,
+            [(str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(path),
+              [str(d) for d in self.config.destinations if d.wants(str(ds.Modality), str(ds.SOPClassUID))])
+             for ds, path in written],
         )
         summary = "; ".join(f"{f.label} {f.volume_mm3 / 1000:.1f} cm3, mean {f.mean_hu:.0f} HU" for f in result.findings)
         if version > 1:

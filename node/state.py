@@ -69,6 +69,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     last_error TEXT,
     created_at REAL NOT NULL,
     sent_at REAL,
+    queued_at REAL,
+    dead_at REAL,
     UNIQUE (sop_instance_uid, destination)
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt_at);
@@ -84,6 +86,8 @@ MIGRATIONS = [
     ("series", "version", "INTEGER NOT NULL DEFAULT 0"),
     ("series", "completion", "TEXT"),
     ("series", "results", "TEXT"),
+    ("outbox", "queued_at", "REAL"),
+    ("outbox", "dead_at", "REAL"),
 ]
 
 #: Relative tolerance on slice spacing for a run of positions to count as gap-free.
@@ -112,8 +116,9 @@ def gap_free(positions: list[float | None], orientations: list[str | None]) -> s
 RECEIVING, QUEUED, PROCESSING, DONE, REJECTED, FAILED = (
     "receiving", "queued", "processing", "done", "rejected", "failed",
 )
-# Outbox states.
-PENDING, SENT = "pending", "sent"
+# Outbox states. pending -> sent | dead; dead -> pending by ``retry_outbox``.
+PENDING, SENT, DEAD = "pending", "sent", "dead"
+OUTBOX_STATES = (PENDING, SENT, DEAD)
 
 
 @dataclass(frozen=True)
@@ -147,6 +152,13 @@ class OutboxRow:
     last_error: str | None
     created_at: float
     sent_at: float | None
+    queued_at: float | None = None  # when the current run of attempts began (created or retried)
+    dead_at: float | None = None
+
+    @property
+    def age_from(self) -> float:
+        """The start of the item's age for ``max_age_s``."""
+        return self.queued_at if self.queued_at is not None else self.created_at
 
 
 class StateStore:
@@ -408,6 +420,12 @@ class StateStore:
         return uids
 
     # -- outbox ---------------------------------------------------------------
+    #
+    # pending -> sent | dead. An item is attempted when due (next_attempt_at);
+    # a failed attempt sets the next one (backoff) or, when the failure is
+    # permanent or the destination's attempt or age limit is reached, makes it
+    # dead. ``retry_outbox`` makes dead (or failed pending) items due again and
+    # restarts their attempt count and age (``queued_at``).
 
     def enqueue_result(
         self, *, series_uid: str, sop_instance_uid: str, sop_class_uid: str, path: str, destinations: list[str]
@@ -421,14 +439,14 @@ class StateStore:
         series_uid: str,
         version: int,
         results: str,
-        items: list[tuple[str, str, str]],
-        destinations: list[str],
+        items: list[tuple[str, str, str, list[str]]],
     ) -> None:
-        """In one transaction: queue result objects ((SOP Instance UID, SOP Class UID, path) each)
-        for every destination and record them as the series' result ``version``."""
+        """In one transaction: queue result objects ((SOP Instance UID, SOP Class UID, path,
+        destinations) each: every object goes only to the destinations that take its result
+        type) and record them as the series' result ``version``."""
         now = time.time()
         with self._tx() as db:
-            for sop_instance_uid, sop_class_uid, path in items:
+            for sop_instance_uid, sop_class_uid, path, destinations in items:
                 self._enqueue(db, series_uid, sop_instance_uid, sop_class_uid, path, destinations, now)
             db.execute("UPDATE series SET version = ?, results = ? WHERE series_uid = ?",
                        (version, results, series_uid))
@@ -439,25 +457,60 @@ class StateStore:
         for dest in destinations:
             db.execute(
                 """INSERT INTO outbox (series_uid, sop_instance_uid, sop_class_uid, path, destination,
-                                       state, next_attempt_at, created_at)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+                                       state, next_attempt_at, created_at, queued_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
                    ON CONFLICT(sop_instance_uid, destination) DO UPDATE SET
                        path = excluded.path, state = 'pending', next_attempt_at = excluded.next_attempt_at,
-                       attempts = 0, last_error = NULL""",
-                (series_uid, sop_instance_uid, sop_class_uid, path, dest, PENDING, now, now),
+                       attempts = 0, last_error = NULL, queued_at = excluded.queued_at, dead_at = NULL""",
+                (series_uid, sop_instance_uid, sop_class_uid, path, dest, PENDING, now, now, now),
             )
 
-    def due_outbox(self, now: float | None = None, limit: int = 100) -> list[OutboxRow]:
+    def due_outbox(self, now: float | None = None, limit: int | None = 100,
+                   destination: str | None = None) -> list[OutboxRow]:
+        """Pending items whose next attempt is due, by destination then age (``limit`` None = all)."""
+        now = time.time() if now is None else now
+        sql = "SELECT * FROM outbox WHERE state = ? AND next_attempt_at <= ?"
+        params: list[object] = [PENDING, now]
+        if destination is not None:
+            sql += " AND destination = ?"
+            params.append(destination)
+        sql += " ORDER BY destination, id LIMIT ?"
+        params.append(-1 if limit is None else limit)
+        return [OutboxRow(**dict(r)) for r in self._connection().execute(sql, params).fetchall()]
+
+    def due_destinations(self, now: float | None = None) -> list[str]:
+        """Destinations that have at least one due item."""
         now = time.time() if now is None else now
         rows = self._connection().execute(
-            "SELECT * FROM outbox WHERE state = ? AND next_attempt_at <= ? ORDER BY destination, id LIMIT ?",
-            (PENDING, now, limit),
+            "SELECT DISTINCT destination FROM outbox WHERE state = ? AND next_attempt_at <= ? ORDER BY destination",
+            (PENDING, now),
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def list_outbox(self, limit: int = 200, state: str | None = None,
+                    destination: str | None = None) -> list[OutboxRow]:
+        """Items, newest first, optionally of one state and/or destination."""
+        sql, params = "SELECT * FROM outbox WHERE 1 = 1", []
+        if state is not None:
+            sql += " AND state = ?"
+            params.append(state)
+        if destination is not None:
+            sql += " AND destination = ?"
+            params.append(destination)
+        rows = self._connection().execute(sql + " ORDER BY id DESC LIMIT ?", (*params, limit)).fetchall()
+        return [OutboxRow(**dict(r)) for r in rows]
+
+    def outbox_items(self, ids: list[int]) -> list[OutboxRow]:
+        """The items with these ids (those that exist), by id."""
+        rows = self._connection().execute(
+            f"SELECT * FROM outbox WHERE id IN ({', '.join('?' * len(ids))}) ORDER BY id", ids
         ).fetchall()
         return [OutboxRow(**dict(r)) for r in rows]
 
-    def list_outbox(self, limit: int = 200) -> list[OutboxRow]:
-        rows = self._connection().execute("SELECT * FROM outbox ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
-        return [OutboxRow(**dict(r)) for r in rows]
+    def outbox_counts(self) -> dict[tuple[str, str], int]:
+        """Number of items by (destination, state)."""
+        rows = self._connection().execute("SELECT destination, state, COUNT(*) FROM outbox GROUP BY destination, state")
+        return {(r[0], r[1]): r[2] for r in rows}
 
     def mark_sent(self, item_id: int, status: str) -> None:
         with self._tx() as db:
@@ -468,12 +521,95 @@ class StateStore:
             )
 
     def mark_attempt_failed(self, item_id: int, status: str | None, error: str, retry_at: float) -> None:
+        """A failed attempt; the item is due again at ``retry_at``."""
+        self.mark_failed([(item_id, status, error, retry_at)])
+
+    def mark_dead(self, item_id: int, status: str | None, error: str) -> None:
+        """A failed attempt after which the item is not retried (until ``retry_outbox``)."""
+        self.mark_failed([(item_id, status, error, None)])
+
+    def make_due(self, destination: str, now: float | None = None) -> int:
+        """A destination answered again: its pending items waiting out a backoff are due now.
+
+        Returns how many items were brought forward.
+        """
+        now = time.time() if now is None else now
         with self._tx() as db:
-            db.execute(
-                "UPDATE outbox SET attempts = attempts + 1, last_status = ?, last_error = ?, next_attempt_at = ? "
-                "WHERE id = ?",
-                (status, error, retry_at, item_id),
+            cursor = db.execute(
+                "UPDATE outbox SET next_attempt_at = ? WHERE destination = ? AND state = ? AND next_attempt_at > ?",
+                (now, destination, PENDING, now),
             )
+            return cursor.rowcount
+
+    def mark_failed(self, failures: list[tuple[int, str | None, str, float | None]]) -> None:
+        """Failed attempts in one transaction: (id, status, error, retry_at or None for dead) each."""
+        now = time.time()
+        with self._tx() as db:
+            for item_id, status, error, retry_at in failures:
+                if retry_at is None:
+                    db.execute(
+                        "UPDATE outbox SET state = ?, attempts = attempts + 1, last_status = ?, last_error = ?, "
+                        "dead_at = ? WHERE id = ? AND state = ?",
+                        (DEAD, status, error, now, item_id, PENDING),
+                    )
+                else:
+                    db.execute(
+                        "UPDATE outbox SET attempts = attempts + 1, last_status = ?, last_error = ?, "
+                        "next_attempt_at = ? WHERE id = ? AND state = ?",
+                        (status, error, retry_at, item_id, PENDING),
+                    )
+
+    def retry_outbox(self, *, ids: list[int] | None = None, destination: str | None = None,
+                     all_dead: bool = False, now: float | None = None) -> list[OutboxRow]:
+        """Make dead items, and pending ones that have failed before, due now with a fresh attempt count and age.
+
+        Selects the items with these ``ids`` and/or of ``destination``; ``all_dead`` keeps only
+        dead ones (alone: every dead item). Sent items are never selected. Returns the
+        selected items as they were before.
+        """
+        if not ids and destination is None and not all_dead:
+            raise ValueError("retry_outbox: give ids, a destination or all_dead")
+        now = time.time() if now is None else now
+        sql = "SELECT * FROM outbox WHERE (state = ? OR (state = ? AND attempts > 0))"
+        params: list[object] = [DEAD, PENDING]
+        if ids:
+            sql += f" AND id IN ({', '.join('?' * len(ids))})"
+            params.extend(ids)
+        if destination is not None:
+            sql += " AND destination = ?"
+            params.append(destination)
+        if all_dead:
+            sql += " AND state = ?"
+            params.append(DEAD)
+        with self._tx() as db:
+            rows = [OutboxRow(**dict(r)) for r in db.execute(sql + " ORDER BY id", params).fetchall()]
+            db.executemany(
+                "UPDATE outbox SET state = ?, attempts = 0, next_attempt_at = ?, queued_at = ?, dead_at = NULL "
+                "WHERE id = ?",
+                [(PENDING, now, now, row.id) for row in rows],
+            )
+        return rows
+
+    def purge_outbox(self, *, sent_before: float | None = None, dead_before: float | None = None,
+                     destination: str | None = None) -> int:
+        """Delete sent items sent before ``sent_before`` and/or dead items dead before ``dead_before``
+        (of one destination if given); returns how many rows went. Pending items are never purged,
+        and no file is deleted: result files stay where the series' results point to them."""
+        if sent_before is None and dead_before is None:
+            raise ValueError("purge_outbox: give sent_before and/or dead_before")
+        clauses, params = [], []
+        if sent_before is not None:
+            clauses.append("(state = ? AND sent_at < ?)")
+            params += [SENT, sent_before]
+        if dead_before is not None:
+            clauses.append("(state = ? AND COALESCE(dead_at, created_at) < ?)")
+            params += [DEAD, dead_before]
+        sql = f"DELETE FROM outbox WHERE ({' OR '.join(clauses)})"
+        if destination is not None:
+            sql += " AND destination = ?"
+            params.append(destination)
+        with self._tx() as db:
+            return db.execute(sql, params).rowcount
 
     def counts(self) -> dict[str, int]:
         """Series by state and pending outbox items, for status output."""

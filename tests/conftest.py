@@ -36,10 +36,20 @@ def abdomen_files() -> list[Path]:
     return sorted(ABDOMEN.glob("*.dcm"))
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port the OS says is free, never one this test run already handed out (the
+    OS may offer a port again once its first user has not bound it yet)."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError("no free port that was not handed out already")
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.2, what: str = "condition"):  # noqa: ANN001, ANN201
@@ -91,9 +101,9 @@ class Orthanc:
     def __post_init__(self) -> None:
         self.log = self.workdir / "orthanc.log"
 
-    def config(self) -> dict:
+    def private_config(self) -> dict:
+        """What makes this Orthanc private to the test: storage, AE title, ports, login."""
         return {
-            "Name": "test-pacs",
             "StorageDirectory": str(self.workdir / "storage"),
             "IndexDirectory": str(self.workdir / "storage"),
             "DicomAet": self.aet,
@@ -102,6 +112,12 @@ class Orthanc:
             "RemoteAccessAllowed": False,
             "AuthenticationEnabled": True,
             "RegisteredUsers": {self.user: self.password},
+        }
+
+    def config(self) -> dict:
+        return {
+            "Name": "test-pacs",
+            **self.private_config(),
             "DicomAlwaysAllowStore": True,
             "DicomAlwaysAllowEcho": True,
             "DicomCheckCalledAet": True,
@@ -162,17 +178,22 @@ class Orthanc:
             raise
 
 
-@pytest.fixture
-def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
+def running_orthanc(kind: type, tmp_path: Path, aet: str) -> Iterator:
+    """Start an Orthanc of class ``kind`` on free ports; stop it (by PID) afterwards."""
     if not ORTHANC_BIN.exists():
         pytest.fail("Orthanc is not installed (apt-get install orthanc orthanc-dicomweb); run the README test command")
-    pacs = Orthanc(tmp_path / "orthanc", "TESTPACS", free_port(), free_port(), free_port())
+    pacs = kind(tmp_path / "orthanc", aet, free_port(), free_port(), free_port())
     pacs.workdir.mkdir()
     pacs.start()
     try:
         yield pacs
     finally:
         pacs.stop()
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
+    yield from running_orthanc(Orthanc, tmp_path, "TESTPACS")
 
 
 @dataclass

@@ -21,6 +21,7 @@ import copy
 import json
 import random
 import re
+import shutil
 import socket
 import sqlite3
 import subprocess
@@ -446,3 +447,12 @@ def play(rig: CrashRig, rounds: int) -> None:
     for _ in range(rounds):
         rig.crash_round()
     rig.kill_after_done()
+
+
+def finish_soak(ok: bool, workdir: Path, keep: bool) -> int:
+    """End of a soak script: remove its work folder unless kept or failed; the exit code."""
+    if ok and not keep:
+        shutil.rmtree(workdir, ignore_errors=True)
+    else:
+        print(f"work folder kept: {workdir}")
+    return 0 if ok else 1

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import shutil
 import sys
 import tempfile
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from conftest import Orthanc, free_port  # noqa: E402
-from crashkit import CrashRig, play, verify  # noqa: E402
+from crashkit import CrashRig, finish_soak, play, verify  # noqa: E402
 
 
 def main() -> int:
@@ -62,11 +61,7 @@ def main() -> int:
           f"{min(rig.restart_seconds):.2f}-{max(rig.restart_seconds):.2f} s; {played:.1f} s of rounds "
           f"({played / len(rig.rounds):.2f} s each), {time.monotonic() - started:.1f} s in all; seed {seed}")
     ok = not verdict.lost and not verdict.problems
-    if ok and not args.keep:
-        shutil.rmtree(workdir, ignore_errors=True)
-    else:
-        print(f"work folder kept: {workdir}")
-    return 0 if ok else 1
+    return finish_soak(ok, workdir, args.keep)
 
 
 if __name__ == "__main__":

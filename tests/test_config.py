@@ -9,11 +9,14 @@ import pytest
 from conftest import REPO
 from node.config import (
     DEFAULT_AE_TITLE,
+    DEFAULT_MAX_AGE_S,
     DEFAULT_PORT,
+    RESULT_TYPES,
     ConfigError,
     Destination,
     NodeConfig,
     load_config,
+    result_type,
     validate_ae_title,
 )
 
@@ -43,6 +46,7 @@ destinations = [
 send_retry_initial_s = 1
 send_retry_max_s = 60.0
 send_connect_timeout_s = 4.5
+send_dimse_timeout_s = 20
 
 [models]
 models_dir = "/opt/models"
@@ -106,6 +110,7 @@ def test_full_file_with_every_section(tmp_path: Path) -> None:
     assert config.send_retry_initial_s == 1.0 and isinstance(config.send_retry_initial_s, float)
     assert config.send_retry_max_s == 60.0
     assert config.send_connect_timeout_s == 4.5
+    assert config.send_dimse_timeout_s == 20.0 and isinstance(config.send_dimse_timeout_s, float)
     assert config.models_dir == Path("/opt/models")
     assert config.model == "other-model"
     assert config.model_dir == Path("/opt/models/other-model")
@@ -182,8 +187,8 @@ def test_absolute_and_home_paths_are_kept(tmp_path: Path, monkeypatch: pytest.Mo
         ('[send]\ndestinations = ["PACS@h"]\n', ["send.destinations[0]", "AET@HOST:PORT"]),
         ('[send]\ndestinations = ["A@h:1", 104]\n', ["send.destinations[1]", "table or a string"]),
         ('[send]\ndestinations = [{ ae_title = "P", host = "h" }]\n', ["send.destinations[0]", "missing key 'port'"]),
-        ('[send]\ndestinations = [{ ae_title = "P", host = "h", port = 1, tls = true }]\n',
-         ["send.destinations[0]", "unknown keys ['tls']"]),
+        ('[send]\ndestinations = [{ ae_title = "P", host = "h", port = 1, tsl = true }]\n',
+         ["send.destinations[0]", "unknown keys ['tsl']"]),
         ('[send]\ndestinations = [{ ae_title = "P", host = "h", port = 99999 }]\n',
          ["send.destinations[0]", "out of range"]),
         ("[send]\nsend_retry_max_s = false\n", ["send_retry_max_s", "expected a number"]),
@@ -288,3 +293,128 @@ def test_with_overrides_validates() -> None:
         NodeConfig().with_overrides(ae_title="X" * 17)
     with pytest.raises(ConfigError, match="series_quiet_seconds"):
         NodeConfig().with_overrides(series_quiet_seconds=0)
+
+
+# --------------------------------------------------------------------------- destination tables
+
+
+def test_destination_tables_of_both_kinds(tmp_path: Path) -> None:
+    for name in ("ca.pem", "node.pem", "node.key"):
+        (tmp_path / "tls").mkdir(exist_ok=True)
+        (tmp_path / "tls" / name).write_text("-----BEGIN-----\n")
+    config = load_config(write(tmp_path, """
+[send]
+[[send.destinations]]
+ae_title = "PACS"
+host = "pacs.example.org"
+port = 2762
+tls = true
+tls_ca_file = "tls/ca.pem"
+tls_cert_file = "tls/node.pem"
+tls_key_file = "tls/node.key"
+transfer_syntax = "implicit"
+results = ["seg", " SR "]
+max_attempts = 5
+max_age_s = 3600
+
+[[send.destinations]]
+name = "archive"
+kind = "dicomweb"
+url = "https://archive.example.org/dicom-web"
+username = "ainode"
+password_env = "ARCHIVE_PASSWORD"
+tls_verify = false
+confirm = true
+results = ["SR"]
+
+[[send.destinations]]
+kind = "dicomweb"
+url = "http://10.0.0.5:8042/dicom-web"
+token_env = "PACS_TOKEN"
+transfer_syntax = "1.2.840.10008.1.2.1.99"
+
+[[send.destinations]]
+ae_title = "V6"
+host = "[::1]"
+port = 104
+"""))
+    pacs, archive, token, v6 = config.destinations
+    assert str(pacs) == pacs.name == "PACS@pacs.example.org:2762"
+    assert (pacs.kind, pacs.tls, pacs.tls_verify) == ("dicom", True, True)
+    assert pacs.tls_ca_file == tmp_path.resolve() / "tls" / "ca.pem"
+    assert pacs.tls_key_file == tmp_path.resolve() / "tls" / "node.key"
+    assert pacs.transfer_syntax == "1.2.840.10008.1.2"
+    assert (pacs.results, pacs.max_attempts, pacs.max_age_s) == (("SEG", "SR"), 5, 3600.0)
+    assert str(archive) == "archive" and archive.url == "https://archive.example.org/dicom-web"
+    assert (archive.username, archive.password, archive.password_env) == ("ainode", "", "ARCHIVE_PASSWORD")
+    assert (archive.tls_verify, archive.confirm, archive.results) == (False, True, ("SR",))
+    assert archive.transfer_syntax == "1.2.840.10008.1.2.1" and archive.max_age_s == DEFAULT_MAX_AGE_S
+    assert str(token) == "http://10.0.0.5:8042/dicom-web" and token.transfer_syntax == "1.2.840.10008.1.2.1.99"
+    assert token.results == RESULT_TYPES and token.max_attempts == 0
+    assert (v6.host, str(v6)) == ("::1", "V6@[::1]:104")
+
+
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        ('{ kind = "hl7", url = "http://h" }', "send.destinations[0].kind: 'hl7' is not"),
+        ('{ ae_title = "P", host = "h", port = 1, results = ["SEG", "PDF"] }', "send.destinations[0].results:"),
+        ('{ ae_title = "P", host = "h", port = 1, results = [] }', "send.destinations[0].results:"),
+        ('{ ae_title = "P", host = "h", port = 1, results = "SEG" }', "send.destinations[0].results: expected a list"),
+        ('{ ae_title = "P", host = "h", port = 1, transfer_syntax = "1.2.840.10008.1.2.4.50" }',
+         "send.destinations[0].transfer_syntax: '1.2.840.10008.1.2.4.50' is not one of explicit"),
+        ('{ ae_title = "P", host = "h", port = true }', "send.destinations[0].port: expected an integer"),
+        ('{ ae_title = "P", host = "h", port = 1, tls = "yes" }', "send.destinations[0].tls: expected true or false"),
+        ('{ ae_title = "P", host = "h", port = 1, max_attempts = -1 }', "send.destinations[0].max_attempts: must be"),
+        ('{ ae_title = "P", host = "h", port = 1, max_age_s = "1d" }', "send.destinations[0].max_age_s: expected a"),
+        ('{ ae_title = "P", host = "h", port = 1, tls_ca_file = "absent.pem" }',
+         "send.destinations[0].tls_ca_file: "),
+        ('{ ae_title = "P", host = "h", port = 1, url = "http://h" }',
+         'send.destinations[0].url: only for kind = "dicomweb"'),
+        ('{ ae_title = "P", host = "h", port = 1, confirm = true }',
+         "send.destinations[0].confirm: only for kind = \"dicomweb\" (Storage Commitment is not implemented)"),
+        ('{ ae_title = "THIS-TITLE-IS-TOO-LONG", host = "h", port = 1 }', "send.destinations[0].ae_title:"),
+        ('{ kind = "dicomweb" }', "send.destinations[0]: missing key 'url'"),
+        ('{ kind = "dicomweb", url = "ftp://h/x" }', "send.destinations[0].url: 'ftp://h/x' is not an http"),
+        ('{ kind = "dicomweb", url = "https://u:p@h/dicom-web" }', "send.destinations[0].url: 'https://u:p@h/"),
+        ('{ kind = "dicomweb", url = "https://h", ae_title = "P" }', 'send.destinations[0].ae_title: only for kind'),
+        ('{ kind = "dicomweb", url = "https://h", username = "u", password = "p", password_env = "P" }',
+         "send.destinations[0].password_env: give password or password_env, not both"),
+        ('{ kind = "dicomweb", url = "https://h", password = "p" }', "send.destinations[0].username: missing"),
+        ('{ kind = "dicomweb", url = "https://h", username = "u", token_env = "T" }',
+         "send.destinations[0].bearer_token: give username/password or a bearer token"),
+        ('{ kind = "dicomweb", url = "https://h", bearer_token = "t", token_env = "T" }',
+         "send.destinations[0].token_env: give bearer_token or token_env"),
+        ('"A@h:1", { kind = "dicomweb", url = "https://h", name = "A@h:1" }',
+         "destinations: 'A@h:1' names two destinations"),
+    ],
+)
+def test_destination_errors_name_the_key(tmp_path: Path, entry: str, expected: str) -> None:
+    message = config_error(tmp_path, f"[send]\ndestinations = [{entry}]\n")
+    assert expected in message, message
+
+
+def test_secrets_come_from_the_environment_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    basic = Destination(kind="dicomweb", url="https://h", username="u", password_env="NODE_TEST_PW")
+    monkeypatch.delenv("NODE_TEST_PW", raising=False)
+    with pytest.raises(ConfigError, match="^password_env: environment variable NODE_TEST_PW is not set"):
+        basic.secret()
+    monkeypatch.setenv("NODE_TEST_PW", "from-env")
+    assert basic.secret() == ("basic", "from-env")
+    bearer = Destination(kind="dicomweb", url="https://h", bearer_token="t0ken")
+    assert bearer.secret() == ("bearer", "t0ken")
+    assert "t0ken" not in repr(bearer)
+    assert Destination(kind="dicomweb", url="https://h").secret() is None
+    assert "secret" not in repr(Destination(kind="dicomweb", url="https://h", username="u", password="secret"))
+
+
+def test_result_types_per_destination() -> None:
+    assert result_type("SEG", "1.2.840.10008.5.1.4.1.1.66.4") == "SEG"
+    assert result_type("SR", "1.2.840.10008.5.1.4.1.1.88.34") == "SR"
+    assert result_type("KO", "1.2.840.10008.5.1.4.1.1.88.59") == "KO"
+    assert result_type("OT", "1.2.840.10008.5.1.4.1.1.7") == "SC"
+    assert result_type("CT", "1.2.840.10008.5.1.4.1.1.7.4") == "SC"
+    sr_only = Destination("P", "h", 104, results=("SR",))
+    assert sr_only.wants("SR", "1.2.840.10008.5.1.4.1.1.88.34")
+    assert not sr_only.wants("SEG", "1.2.840.10008.5.1.4.1.1.66.4")
+    assert Destination("P", "h", 104).wants("SEG", "1.2.840.10008.5.1.4.1.1.66.4")

@@ -130,7 +130,7 @@ def test_association_limit_rejects_with_local_limit_exceeded(start_node, tmp_pat
     third = wait_for(lambda: (a := ae.associate("127.0.0.1", node.port, ae_title="AINODE")).is_established and a,
                      10, what="a slot after the release")
     third.release()
-    assert "1 associations already active" in node.output()
+    wait_for(lambda: "1 associations already active" in node.output(), 10, what="the rejection in the log")
 
 
 def test_disk_watermark_refuses_with_out_of_resources(start_node, tmp_path: Path) -> None:

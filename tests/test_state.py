@@ -11,6 +11,7 @@ import pytest
 
 from node.intake import InstanceHeader
 from node.state import (
+    DEAD,
     DONE,
     gap_free,
     FAILED,
@@ -310,6 +311,68 @@ def test_due_outbox_groups_by_destination(store: StateStore) -> None:
     ]
 
 
+def test_record_results_queues_each_object_only_for_its_destinations(store: StateStore) -> None:
+    record(store, "s.1", series="s", now=100.0)
+    store.record_results("s", 1, '[{"modality": "SEG"}]', [
+        ("seg.1", SEG, "/results/seg.dcm", ["A@h:1", "web"]),
+        ("sr.1", SR, "/results/sr.dcm", ["web"]),
+        ("ko.1", "1.2.840.10008.5.1.4.1.1.88.59", "/results/ko.dcm", []),
+    ])
+    assert sorted((o.sop_instance_uid, o.destination) for o in store.list_outbox()) == [
+        ("seg.1", "A@h:1"), ("seg.1", "web"), ("sr.1", "web"),
+    ]
+    assert store.get_series("s").version == 1
+    assert all(o.queued_at == o.created_at for o in store.list_outbox())
+
+
+def test_dead_letters_retry_and_purge(store: StateStore) -> None:
+    for sop in ("a", "b", "c", "d"):
+        enqueue(store, sop, ["P@h:1"])
+    enqueue(store, "e", ["web"])
+    ids = {o.sop_instance_uid: o.id for o in store.list_outbox()}
+    store.mark_sent(ids["a"], "0x0000 success")
+    store.mark_failed([(ids["b"], "0x0122 refused: SOP class not supported", "refused by P", None),
+                       (ids["c"], None, "cannot connect", time.time() + 600),
+                       (ids["e"], "HTTP 401 Unauthorized", "STOW-RS request refused", None)])
+    store.mark_failed([(ids["a"], None, "late failure report", None)])  # a sent item stays sent
+    rows = {o.sop_instance_uid: o for o in store.list_outbox()}
+    assert (rows["a"].state, rows["a"].last_error) == (SENT, None)
+    assert (rows["b"].state, rows["b"].attempts, rows["b"].last_status) == (
+        DEAD, 1, "0x0122 refused: SOP class not supported")
+    assert rows["b"].dead_at is not None and rows["c"].state == PENDING
+    assert [o.sop_instance_uid for o in store.list_outbox(state=DEAD)] == ["e", "b"]
+    assert [o.sop_instance_uid for o in store.list_outbox(destination="web")] == ["e"]
+    assert store.outbox_counts() == {("P@h:1", SENT): 1, ("P@h:1", DEAD): 1, ("P@h:1", PENDING): 2, ("web", DEAD): 1}
+    assert store.due_destinations() == ["P@h:1"]  # d is due; c waits; dead items are never due
+
+    with pytest.raises(ValueError):
+        store.retry_outbox()
+    # --destination: dead and failed pending items of that destination, never sent or untried ones.
+    assert sorted(o.sop_instance_uid for o in store.retry_outbox(destination="P@h:1", now=5000.0)) == ["b", "c"]
+    rows = {o.sop_instance_uid: o for o in store.list_outbox()}
+    for sop in ("b", "c"):
+        assert (rows[sop].state, rows[sop].attempts, rows[sop].next_attempt_at, rows[sop].queued_at) == (
+            PENDING, 0, 5000.0, 5000.0)
+        assert rows[sop].age_from == 5000.0 and rows[sop].dead_at is None
+    assert rows["b"].last_status == "0x0122 refused: SOP class not supported"  # history kept
+    assert rows["a"].state == SENT and rows["d"].attempts == 0
+    # --all-dead, --id.
+    assert [o.sop_instance_uid for o in store.retry_outbox(all_dead=True)] == ["e"]
+    store.mark_dead(ids["b"], "0xC000 error: cannot understand", "refused by P")
+    assert store.retry_outbox(ids=[ids["a"], ids["d"]]) == []  # sent, and pending without a failure
+    assert [o.id for o in store.retry_outbox(ids=[ids["b"]], all_dead=True)] == [ids["b"]]
+    assert [o.id for o in store.outbox_items([ids["e"], 999, ids["a"]])] == [ids["a"], ids["e"]]
+
+    # purge: sent before a time, dead ones; pending ones never.
+    store.mark_dead(ids["c"], None, "gave up")
+    with pytest.raises(ValueError):
+        store.purge_outbox()
+    assert store.purge_outbox(sent_before=time.time() - 60) == 0
+    assert store.purge_outbox(dead_before=time.time() + 1, destination="web") == 0
+    assert store.purge_outbox(sent_before=time.time() + 1, dead_before=time.time() + 1) == 2
+    assert sorted(o.sop_instance_uid for o in store.list_outbox()) == ["b", "d", "e"]
+
+
 # --------------------------------------------------------------------------- concurrency
 
 
@@ -419,20 +482,45 @@ def test_finish_records_the_version_even_when_a_late_instance_reopens(store: Sta
     assert store.get_series("k").version == 1
 
 
-def test_old_database_is_migrated(tmp_path: Path) -> None:
+def old_database(tmp_path: Path, script: str) -> Path:
+    """A database made by an earlier version of the node: ``script`` run by plain sqlite3."""
     path = tmp_path / "old.sqlite3"
     db = sqlite3.connect(path)
-    db.executescript(
+    db.executescript(script)
+    db.close()
+    return path
+
+
+def test_old_database_is_migrated(tmp_path: Path) -> None:
+    path = old_database(
+        tmp_path,
         "CREATE TABLE instances (sop_instance_uid TEXT PRIMARY KEY, series_uid TEXT NOT NULL, study_uid TEXT NOT NULL,"
         " sop_class_uid TEXT NOT NULL, path TEXT NOT NULL, size INTEGER NOT NULL, calling_ae TEXT NOT NULL,"
         " received_at REAL NOT NULL);"
         "CREATE TABLE series (series_uid TEXT PRIMARY KEY, study_uid TEXT NOT NULL, state TEXT NOT NULL,"
         " first_received REAL NOT NULL, last_received REAL NOT NULL, instance_count INTEGER NOT NULL DEFAULT 0,"
         " reason TEXT, updated_at REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0);"
-        "INSERT INTO series VALUES ('s', '1', 'done', 1, 1, 1, 'ok', 1, 1);"
+        "INSERT INTO series VALUES ('s', '1', 'done', 1, 1, 1, 'ok', 1, 1);",
     )
-    db.close()
     store = StateStore(path)
     assert store.get_series("s").version == 0
     assert record(store, "s.1", series="s", position=1.0) is True
+    store.close()
+
+
+def test_old_outbox_is_migrated(tmp_path: Path) -> None:
+    path = old_database(
+        tmp_path,
+        "CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, series_uid TEXT NOT NULL,"
+        " sop_instance_uid TEXT NOT NULL, sop_class_uid TEXT NOT NULL, path TEXT NOT NULL, destination TEXT NOT NULL,"
+        " state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at REAL NOT NULL, last_status TEXT,"
+        " last_error TEXT, created_at REAL NOT NULL, sent_at REAL, UNIQUE (sop_instance_uid, destination));"
+        "INSERT INTO outbox (series_uid, sop_instance_uid, sop_class_uid, path, destination, state, attempts,"
+        " next_attempt_at, created_at) VALUES ('s', 'seg.1', '1.2', '/r.dcm', 'P@h:1', 'pending', 7, 10, 5);",
+    )
+    store = StateStore(path)
+    row, = store.list_outbox()
+    assert (row.queued_at, row.dead_at, row.age_from, row.attempts) == (None, None, 5.0, 7)
+    assert [o.id for o in store.retry_outbox(ids=[row.id], now=50.0)] == [row.id]
+    assert store.list_outbox()[0].age_from == 50.0
     store.close()

@@ -24,22 +24,26 @@ def openssl(*args: str, cwd: Path) -> None:
     assert done.returncode == 0, done.stderr
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """CA, server and client certificates (RSA 2048, valid for two days) in one folder."""
+def make_pki(folder: Path) -> Path:
+    """CA, server, client and peer (both roles, e.g. Orthanc) certificates, RSA 2048, two days."""
     if not Path(OPENSSL).exists():
         pytest.fail("openssl is not installed (apt-get install openssl); run the README test command")
-    folder = tmp_path_factory.mktemp("pki")
     openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
             "-subj", "/CN=pacs-ai-node test CA", cwd=folder)
     for name, extension in (("server", "subjectAltName=IP:127.0.0.1,DNS:localhost"),
-                            ("client", "extendedKeyUsage=clientAuth")):
+                            ("client", "extendedKeyUsage=clientAuth"),
+                            ("peer", "subjectAltName=IP:127.0.0.1,DNS:localhost")):
         (folder / f"{name}.ext").write_text(extension + "\n")
         openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
                 "-subj", f"/CN=pacs-ai-node test {name}", cwd=folder)
         openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
                 "-out", f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext", cwd=folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture

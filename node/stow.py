@@ -638,7 +638,7 @@ class HttpServer:
                 sock.close()
                 raise HttpServerError(f"HTTP server on {self.host}:{self.port} did not start")
             time.sleep(0.01)
-        LOG.info("HTTP%s (STOW-RS) listening on %s:%d", "S" if self.ssl_context else "", self.host, self.port)
+        LOG.debug("HTTP%s (STOW-RS) listening on %s:%d", "S" if self.ssl_context else "", self.host, self.port)
 
     def stop(self) -> None:
         """Stop accepting, let requests in progress finish (bounded), and return."""

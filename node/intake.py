@@ -39,6 +39,8 @@ SOP_CLASS_NOT_SUPPORTED = 0x0122
 OUT_OF_RESOURCES = 0xA700
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
+#: STOW-RS: an instance of another study than the request URL names (A9xx range of PS3.18 Table I.2-2).
+STUDY_MISMATCH = 0xA901
 
 #: Implementation Class UID and Version Name written in the file meta of stored instances.
 IMPLEMENTATION_CLASS_UID = "2.25.193415117617284733618405939326346727402"
@@ -251,10 +253,13 @@ class Intake:
         *,
         source: str,
         association: str | None = None,
-        expected_sop_class: str | None = None,
-        expected_sop_instance: str | None = None,
+        expected_study: str | None = None,
     ) -> IntakeResult:
-        """Check and store one PS3.10 file (preamble, file meta, dataset) as received."""
+        """Check and store one PS3.10 file (preamble, file meta, dataset) as received.
+
+        ``expected_study`` (STOW-RS ``/studies/{uid}``) refuses an instance of
+        another study with :data:`STUDY_MISMATCH`.
+        """
         full = self.disk_full_reason()
         if full:
             return self.refuse(OUT_OF_RESOURCES, full, source)
@@ -264,39 +269,17 @@ class Intake:
             check_pixel_data(ds, ds.file_meta.TransferSyntaxUID)
         except Exception as exc:  # any failure to parse means the dataset is corrupt
             return self.refuse(CANNOT_UNDERSTAND, f"dataset cannot be parsed: {exc}", source)
-        return self._store(header, [data], source=source, association=association,
-                           expected_sop_class=expected_sop_class, expected_sop_instance=expected_sop_instance)
-
-    def _store(
-        self,
-        header: InstanceHeader,
-        chunks: list[bytes],
-        *,
-        source: str,
-        association: str | None,
-        expected_sop_class: str | None,
-        expected_sop_instance: str | None,
-    ) -> IntakeResult:
         uids = {"sop_class_uid": header.sop_class_uid, "sop_instance_uid": header.sop_instance_uid,
                 "series_uid": header.series_uid}
-        if expected_sop_class is not None and header.sop_class_uid != expected_sop_class:
-            return self.refuse(
-                DATASET_DOES_NOT_MATCH_SOP_CLASS,
-                f"dataset SOP Class UID {header.sop_class_uid} differs from the expected {expected_sop_class}",
-                source, **uids,
-            )
-        if expected_sop_instance is not None and header.sop_instance_uid != expected_sop_instance:
-            return self.refuse(
-                DATASET_DOES_NOT_MATCH_SOP_CLASS,
-                f"dataset SOP Instance UID differs from the request's {expected_sop_instance}",
-                source, **uids,
-            )
+        if expected_study is not None and header.study_uid != expected_study:
+            return self.refuse(STUDY_MISMATCH, f"Study Instance UID {header.study_uid} differs from the request "
+                                               f"URL's {expected_study}", source, **uids)
         if header.sop_class_uid not in ACCEPTED_SOP_CLASSES:
             return self.refuse(
                 SOP_CLASS_NOT_SUPPORTED, f"SOP class {UID(header.sop_class_uid).name} is not accepted", source, **uids
             )
         try:
-            path, size = self.spool.store(header.study_uid, header.series_uid, header.sop_instance_uid, chunks)
+            path, size = self.spool.store(header.study_uid, header.series_uid, header.sop_instance_uid, data)
             return self.record_arrival(header, path, size, source, association)
         except (SpoolError, OSError) as exc:
             return self.refuse(OUT_OF_RESOURCES, f"cannot store: {exc}", source, **uids)

@@ -97,14 +97,13 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from node.intake import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS, Intake, IntakeResult
+from node.intake import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, STUDY_MISMATCH, SUCCESS, Intake, IntakeResult
 from node.spool import SpoolError, check_uid
 from pipelines.errors import PacsAiError
 
 LOG = logging.getLogger(__name__)
 
 DICOM_JSON = "application/dicom+json"
-STUDY_MISMATCH = 0xA901  # A9xx range of PS3.18 Table I.2-2; see the module docstring
 PROCESSING_FAILURE = 0x0110  # PS3.18 Table I.2-2: an unexpected error while storing
 DEFAULT_MAX_PART_BYTES = 1024 * 2**20
 DEFAULT_MAX_REQUEST_BYTES = 16 * 2**30
@@ -113,7 +112,7 @@ RETRY_AFTER_S = 60  # for 503 when the disk is under the watermark
 
 _PREAMBLE_LIMIT = 64 * 1024  # RFC 2046 preamble (e.g. dicomweb-client's leading CRLF) kept at most
 _HEAD_BYTES = 64 * 1024  # of an oversized part: enough to name it in the response
-_PEEK_TAGS = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID"]
+_PEEK_TAGS = ["SOPClassUID", "SOPInstanceUID"]
 _ACCEPTABLE = {"*/*", "application/*", DICOM_JSON, "application/json"}
 
 # DICOM JSON tags (PS3.18 Annex F) of the Store Instances Response Module (PS3.18 Table I.1-1).
@@ -247,12 +246,12 @@ class _MultipartCollector:
         self.ended = True
 
 
-def _peek_uids(data: bytes) -> tuple[str | None, str | None, str | None]:
-    """(SOP Class, SOP Instance, Study Instance) UIDs from a PS3.10 header, None where unreadable."""
+def _peek_uids(data: bytes) -> tuple[str | None, str | None]:
+    """(SOP Class, SOP Instance) UIDs from a PS3.10 header, None where unreadable."""
     try:
         ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True, specific_tags=_PEEK_TAGS)
     except Exception:  # a header that cannot be read has no UIDs to report
-        return None, None, None
+        return None, None
 
     def uid(keyword: str) -> str | None:
         try:
@@ -260,7 +259,7 @@ def _peek_uids(data: bytes) -> tuple[str | None, str | None, str | None]:
         except SpoolError:
             return None
 
-    return uid("SOPClassUID"), uid("SOPInstanceUID"), uid("StudyInstanceUID")
+    return uid("SOPClassUID"), uid("SOPInstanceUID")
 
 
 def _media_type(value: str | None) -> tuple[str, dict[str, str]]:
@@ -468,28 +467,23 @@ class StowService:
         if part.oversized:
             return self._refuse(OUT_OF_RESOURCES, f"part of {part.size} bytes is over the "
                                                   f"{self.max_part_bytes} bytes limit", stow, data)
-        if stow.expected_study is not None:
-            # Intake.accept_part10 has no expected-study check, so the header is read here first.
-            study = _peek_uids(data)[2]
-            if study is not None and study != stow.expected_study:
-                return self._refuse(STUDY_MISMATCH, f"Study Instance UID {study} differs from the request URL's "
-                                                    f"{stow.expected_study}", stow, data)
         try:
-            result: IntakeResult = self.intake.accept_part10(data, source=stow.source, association=stow.request_id)
+            result: IntakeResult = self.intake.accept_part10(data, source=stow.source, association=stow.request_id,
+                                                             expected_study=stow.expected_study)
         except Exception as exc:  # a bug or an unmapped error must not lose the other parts' outcomes
             LOG.exception("STOW-RS %s: instance from %s could not be processed", stow.request_id, stow.client)
             return self._refuse(PROCESSING_FAILURE, f"processing failure: {exc}", stow, data)
         sop_class, sop_instance = result.sop_class_uid, result.sop_instance_uid
         if not result.ok and (sop_class is None or sop_instance is None):
             # The intake refuses some instances before reading them (disk watermark).
-            peeked_class, peeked_instance, _ = _peek_uids(data)
+            peeked_class, peeked_instance = _peek_uids(data)
             sop_class, sop_instance = sop_class or peeked_class, sop_instance or peeked_instance
         return _Outcome(result.status, result.reason, sop_class, sop_instance,
                         retryable=result.status == OUT_OF_RESOURCES)
 
     def _refuse(self, status: int, reason: str, stow: _StowRequest, data: bytes) -> _Outcome:
         LOG.warning("instance refused (0x%04X) from %s: %s", status, stow.source, reason)
-        sop_class, sop_instance, _ = _peek_uids(data)
+        sop_class, sop_instance = _peek_uids(data)
         return _Outcome(status, reason, sop_class, sop_instance)
 
 

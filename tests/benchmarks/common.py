@@ -14,11 +14,12 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pydicom
+
+from pipelines.uids import derive_uid
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = REPO / "tests" / "data" / "abdomen-noncontrast-112"
@@ -27,7 +28,8 @@ PEER_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
 def uid(*parts: object) -> str:
-    return "2.25." + str(uuid.uuid5(uuid.NAMESPACE_OID, "/".join(str(p) for p in parts)).int)
+    """A reproducible UID for benchmark data (the node's own derivation)."""
+    return derive_uid("benchmark", *(str(p) for p in parts))
 
 
 def make_series(folder: Path, count: int, size: int = 512, tag: str = "bench", spacing: float = 1.0) -> list[Path]:

@@ -134,7 +134,7 @@ def cmd_process(args: argparse.Namespace) -> int:
                     kind = "SEG" if ds.Modality == "SEG" else "SR"
                     (output / f"{kind}_{ds.SOPInstanceUID}.dcm").write_bytes(encode_dataset(ds))
                 processed += 1
-                summary = "; ".join(f"{f.label} {f.volume_mm3 / 1000:.1f} cm3 {f.mean_hu:.0f} HU" for f in result.findings)
+                summary = "; ".join(result.summary)
                 tqdm.write(f"series {uid}: processed ({summary})", file=sys.stdout)
             except PacsAiError as exc:
                 failures.append(f"series {uid}: {getattr(exc, 'reason', str(exc))}")
@@ -223,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     from node import cli_outbox
 
     cli_outbox.add_parser(sub)
+    from node import cli_models
+
+    cli_models.add_parser(sub)
     return parser
 
 

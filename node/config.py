@@ -221,7 +221,8 @@ class NodeConfig:
     send_connect_timeout_s: float = 10.0
     send_dimse_timeout_s: float = 60.0
     models_dir: Path = REPO_ROOT / "onnx_models"
-    model: str = "body-lungs"
+    #: Bundle folder names under models_dir to run; empty: every bundle there.
+    enabled_models: tuple[str, ...] = ()
     require_gpu: bool = False
     research_notice: str = "For research use only. Not for use in diagnostic procedures."
     log_level: str = "INFO"
@@ -296,8 +297,20 @@ class NodeConfig:
         return self.data_dir / "state.sqlite3"
 
     @property
-    def model_dir(self) -> Path:
-        return self.models_dir / self.model
+    def model_dirs(self) -> list[Path]:
+        """The bundle folders to load: ``enabled_models`` in order, or every bundle in ``models_dir``."""
+        from pipelines.errors import ModelError
+        from pipelines.model import discover_bundles
+
+        if not self.enabled_models:
+            try:
+                found = discover_bundles(self.models_dir)
+            except ModelError as exc:
+                raise ConfigError(f"models_dir: {exc}") from None
+            if not found:
+                raise ConfigError(f"models_dir: no model bundle (folder with manifest.json) in {self.models_dir}")
+            return found
+        return [self.models_dir / name for name in self.enabled_models]
 
     def with_overrides(self, **overrides: Any) -> "NodeConfig":
         """A copy with the non-None overrides applied (command-line flags)."""
@@ -312,7 +325,7 @@ _SECTIONS = {
     "series": {"series_quiet_seconds", "complete_on_release", "rules_file"},
     "send": {"destinations", "send_retry_initial_s", "send_retry_max_s", "send_connect_timeout_s",
              "send_dimse_timeout_s"},
-    "models": {"models_dir", "model", "require_gpu"},
+    "models": {"models_dir", "enabled_models", "require_gpu"},
     "results": {"research_notice"},
 }
 
@@ -383,6 +396,12 @@ def _coerce(key: str, value: Any, base: Path) -> Any:
             raise ConfigError(f"{key}: expected a path string, got {value!r}")
         path = Path(value).expanduser()
         return path if path.is_absolute() else (base / path)
+    if key == "enabled_models":
+        if not isinstance(value, list) or not all(isinstance(v, str) and v and "/" not in v for v in value):
+            raise ConfigError(f"{key}: expected a list of bundle folder names, got {value!r}")
+        if len(set(value)) != len(value):
+            raise ConfigError(f"{key}: names a bundle twice: {value!r}")
+        return tuple(value)
     if key == "allowed_calling_ae_titles":
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{key}: expected a list of AE titles")

@@ -50,10 +50,13 @@ def software_version() -> str:
 
 
 def build_analyzer(config: NodeConfig) -> SeriesAnalyzer:
-    """Load the configured model bundle (hash checked) and wrap it for analysis."""
-    bundle = ModelBundle(config.model_dir, require_gpu=config.require_gpu)
+    """Load every enabled model bundle once (hashes checked, sessions warm) and wrap them for analysis."""
+    bundles = [
+        ModelBundle(folder, require_gpu=config.require_gpu, tensorrt_cache_dir=config.data_dir / "tensorrt-cache")
+        for folder in config.model_dirs
+    ]
     labelling = ResultLabelling(research_notice=config.research_notice, software_version=software_version())
-    return SeriesAnalyzer(bundle, labelling)
+    return SeriesAnalyzer(bundles, labelling)
 
 
 def encode_dataset(ds: Dataset) -> bytes:
@@ -195,9 +198,8 @@ class Node:
         for thread in self._threads:
             thread.start()
         LOG.info(
-            "node ready: model %s on %s, quiet period %.1f s, destinations: %s",
-            self.analyzer.bundle.key,
-            self.analyzer.bundle.provider,
+            "node ready: models %s, quiet period %.1f s, destinations: %s",
+            ", ".join(f"{b.key} on {b.provider}" for b in self.analyzer.bundles),
             self.config.series_quiet_seconds,
             ", ".join(str(d) for d in self.config.destinations) or "none",
         )
@@ -286,7 +288,7 @@ class Node:
               [str(d) for d in self.config.destinations if d.wants(str(ds.Modality), str(ds.SOPClassUID))])
              for ds, path in written],
         )
-        summary = "; ".join(f"{f.label} {f.volume_mm3 / 1000:.1f} cm3, mean {f.mean_hu:.0f} HU" for f in result.findings)
+        summary = "; ".join(result.summary)
         if version > 1:
             summary = f"version {version} (supersedes {version - 1}): {summary}"
         final = self.state.finish_series(series_uid, DONE, summary, claimed_at)

@@ -10,16 +10,25 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from dataclasses import asdict, dataclass, field, is_dataclass
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from pydicom.dataset import Dataset
 from scipy import ndimage
 
 from pipelines.errors import ResultEncodingError, SeriesRejected
-from pipelines.findings import SegmentFinding
-from pipelines.model import ModelBundle, SegmentSpec
+from pipelines.findings import CodeSpec, SegmentFinding
+from pipelines.inference import Box, CascadeRunner, StageOutput, VolumeGrids, flip
+from pipelines.measurements import (
+    bone_density_assessment,
+    field_of_view_cut,
+    nodule_measurements,
+    organ_stats,
+    steatosis_assessment,
+    vertebral_levels_from_ribs,
+)
+from pipelines.model import ModelBundle
 from pipelines.report import build_measurement_report
 from pipelines.segmentation import build_segmentation
 from pipelines.uids import derive_uid, result_uids
@@ -43,21 +52,6 @@ class ResultLabelling:
     seg_series_number: int = 9901
     sr_series_number: int = 9902
     software_version: str = "0"
-
-
-@dataclass
-class SeriesResult:
-    """What the analysis of one series produced."""
-
-    findings: list[SegmentFinding]
-    segmentation: Dataset
-    report: Dataset
-    model_key: str
-    timings: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def objects(self) -> list[Dataset]:
-        return [self.segmentation, self.report]
 
 
 def check_eligibility(volume: CTVolume) -> None:
@@ -87,12 +81,13 @@ def check_eligibility(volume: CTVolume) -> None:
         raise SeriesRejected(f"only {volume.shape[0]} slices; at least {MIN_SLICES} needed")
 
 
-def _resize(array: np.ndarray, shape: tuple[int, ...], order: int) -> np.ndarray:
-    """Resample ``array`` (last 3 axes) to ``shape`` with pixel edges aligned."""
-    if tuple(array.shape[-3:]) == tuple(shape):
-        return array
-    factors = [1.0] * (array.ndim - 3) + [t / s for t, s in zip(shape, array.shape[-3:])]
-    return ndimage.zoom(array, factors, order=order, mode="nearest", grid_mode=True)
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    labels, count = ndimage.label(mask)
+    if count <= 1:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(np.argmax(sizes))
 
 
 def _components_at_least(mask: np.ndarray, min_voxels: int) -> np.ndarray:
@@ -105,15 +100,6 @@ def _components_at_least(mask: np.ndarray, min_voxels: int) -> np.ndarray:
     return keep[labels]
 
 
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    labels, count = ndimage.label(mask)
-    if count <= 1:
-        return mask
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return labels == int(np.argmax(sizes))
-
-
 def _fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
     out = np.empty_like(mask)
     for k in range(mask.shape[0]):
@@ -121,43 +107,141 @@ def _fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
     return out
 
 
-class SeriesAnalyzer:
-    """Runs one model bundle on CT volumes and encodes the results."""
+def _support_box(prob: np.ndarray, floor: float, box: Box) -> Box | None:
+    """The part of ``box`` where ``prob`` reaches ``floor``, one voxel wider (interpolation reach)."""
+    where = np.nonzero(prob >= floor)
+    if not where[0].size:
+        return None
+    lo = [max(0, int(w.min()) - 1) for w in where]
+    hi = [min(n, int(w.max()) + 2) for w, n in zip(where, prob.shape)]
+    return Box(
+        tuple(s + a for s, a in zip(box.start, lo)),  # type: ignore[arg-type]
+        tuple(b - a for a, b in zip(lo, hi)),  # type: ignore[arg-type]
+        box.grid_shape,
+        box.extent_mm,
+    )
 
-    def __init__(self, bundle: ModelBundle, labelling: ResultLabelling | None = None) -> None:
+
+@dataclass
+class SiteResult:
+    """The per-site screening answer of one bundle: present / absent / not evaluable."""
+
+    site: str
+    finding: CodeSpec
+    status: str
+    score: float
+    reason: str = ""
+    lesion_labels: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        if self.status == "present":
+            return f"{self.site}: lesion present (score {self.score:.2f}; {', '.join(self.lesion_labels)})"
+        if self.status == "absent":
+            return f"{self.site}: no lesion (max score {self.score:.2f})"
+        return f"{self.site}: not evaluable ({self.reason})"
+
+
+@dataclass
+class BundleResult:
+    """What one bundle found in one series, and the SEG and SR that encode it."""
+
+    bundle_key: str
+    bundle_id: str
+    findings: list[SegmentFinding]
+    segmentation: Dataset
+    report: Dataset
+    sites: list[SiteResult] = field(default_factory=list)
+    measurements: dict[str, Any] = field(default_factory=dict)
+    stages: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> list[str]:
+        lines = [site.line() for site in self.sites]
+        lines.extend(_measurement_lines(self.measurements))
+        if not lines:
+            lines = [f"{f.label} {f.volume_mm3 / 1000:.1f} cm3, mean {f.mean_hu:.0f} HU" for f in self.findings]
+        return [f"{self.bundle_id}: {line}" for line in lines]
+
+
+def _measurement_lines(measurements: dict[str, Any]) -> list[str]:
+    lines = []
+    bone = measurements.get("bone_density")
+    if bone is not None:
+        if bone.get("evaluable"):
+            lines.append(f"bone density: {bone['category']} ({bone['level']} trabecular mean {bone['mean_hu']:.0f} HU)")
+        else:
+            lines.append(f"bone density: not evaluable ({bone.get('level_reason', '')})")
+    fat = measurements.get("steatosis")
+    if fat is not None:
+        if fat.get("evaluable"):
+            lines.append(f"liver fat: {fat['grade']} (liver mean {fat['liver_mean_hu']:.0f} HU)")
+        else:
+            lines.append(f"liver fat: not evaluable ({fat.get('reason', '')})")
+    nodules = measurements.get("lung_nodules")
+    if nodules is not None:
+        if nodules:
+            worst = max(nodules, key=lambda n: n["mean_diameter_mm"])
+            lines.append(f"lung nodules: {len(nodules)}, largest {worst['mean_diameter_mm']:.1f} mm "
+                         f"(Lung-RADS {worst['lung_rads']})")
+        else:
+            lines.append("lung nodules: none found")
+    return lines
+
+
+@dataclass
+class SeriesResult:
+    """What the analysis of one series produced, over every enabled bundle."""
+
+    bundles: list[BundleResult]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def objects(self) -> list[Dataset]:
+        return [ds for b in self.bundles for ds in (b.segmentation, b.report)]
+
+    @property
+    def findings(self) -> list[SegmentFinding]:
+        return [f for b in self.bundles for f in b.findings]
+
+    @property
+    def model_key(self) -> str:
+        return ", ".join(b.bundle_key for b in self.bundles)
+
+    @property
+    def summary(self) -> list[str]:
+        return [line for b in self.bundles for line in b.summary()]
+
+
+class _BundleRun:
+    """The state of one bundle's run on one volume (segments, lesions), computed lazily in stage order."""
+
+    def __init__(self, bundle: ModelBundle, grids: VolumeGrids, volume: CTVolume) -> None:
         self.bundle = bundle
-        self.labelling = labelling or ResultLabelling()
+        self.manifest = bundle.manifest
+        self.grids = grids
+        self.volume = volume
+        self.outputs: dict[str, StageOutput] = {}
+        self.masks: dict[str, np.ndarray] | None = None
+        self.lesions: list[dict[str, Any]] | None = None
 
-    def segment(self, volume: CTVolume) -> np.ndarray:
-        """Per-voxel channel index (arg-max of the model output) on the source grid."""
-        m = self.bundle.manifest
-        spacing = np.asarray(volume.spacing_zyx)
-        target = np.asarray(m.target_spacing_mm)
-        model_shape = tuple(max(1, int(round(n * s / t))) for n, s, t in zip(volume.shape, spacing, target))
-        # Interpolating HU is fine before the intensity transform: both are linear.
-        hu = _resize(volume.hu, model_shape, order=1)
-        model_input = m.intensity.apply(hu)[np.newaxis, np.newaxis]
-        probabilities = self.bundle.predict(model_input)[0]
-        if model_shape == volume.shape:
-            return np.argmax(probabilities, axis=0).astype(np.uint8)
-        # Back to the source grid channel by channel, keeping a running arg-max
-        # so that only two full-size float arrays live at once.
-        best = np.full(volume.shape, -np.inf, dtype=np.float32)
-        labels = np.zeros(volume.shape, dtype=np.uint8)
-        for channel in range(probabilities.shape[0]):
-            resized = _resize(probabilities[channel], volume.shape, order=1)
-            better = resized > best
-            best[better] = resized[better]
-            labels[better] = channel
-        return labels
+    @property
+    def voxel_mm3(self) -> float:
+        return float(np.prod(self.grids.spacing))
 
-    def postprocess(self, volume: CTVolume, labels: np.ndarray) -> dict[str, np.ndarray]:
-        """Turn channel labels into one boolean mask per manifest segment."""
-        m = self.bundle.manifest
+    def segment_masks(self) -> dict[str, np.ndarray]:
+        """One boolean mask per manifest segment on the LPS-flipped source grid."""
+        if self.masks is not None:
+            return self.masks
         masks: dict[str, np.ndarray] = {}
-        for spec in m.segments:
-            ids = [m.channels.index(c) for c in spec.channels]
-            mask = np.isin(labels, ids)
+        for spec in self.manifest.segments:
+            out = self.outputs.get(spec.stage)
+            mask = np.zeros(self.grids.shape, dtype=bool)
+            if out is not None and out.probabilities is not None:
+                prob = sum(out.channel(c) for c in spec.channels)
+                sub = _support_box(prob, spec.threshold * 0.5, out.box)  # type: ignore[arg-type]
+                if sub is not None:
+                    block = prob[tuple(slice(s - b, s - b + n) for s, b, n in zip(sub.start, out.box.start, sub.shape))]  # type: ignore[union-attr]
+                    values, where = self.grids.to_source(block, sub)
+                    mask[where] = values >= spec.threshold
             post = spec.postprocess
             if "within" in post:
                 mask &= masks[post["within"]]
@@ -165,41 +249,240 @@ class SeriesAnalyzer:
                 mask = _largest_component(mask)
             if post.get("fill_holes_per_slice"):
                 mask = _fill_holes_per_slice(mask)
-            if "min_component_mm3" in post:
-                min_voxels = int(np.ceil(float(post["min_component_mm3"]) / volume.voxel_volume_mm3))
+            if post.get("min_component_mm3"):
+                min_voxels = int(np.ceil(float(post["min_component_mm3"]) / self.voxel_mm3))
                 mask = _components_at_least(mask, max(min_voxels, 1))
             masks[spec.label] = mask
+        self.masks = masks
         return masks
 
-    def measure(self, volume: CTVolume, masks: dict[str, np.ndarray]) -> list[SegmentFinding]:
-        """Findings (volume, mean HU) for every non-empty segment, renumbered 1..n."""
-        findings = []
-        key = self.bundle.key
-        for spec in self.bundle.manifest.segments:
+    def lesion_components(self) -> list[dict[str, Any]]:
+        """Lesion candidates (source grid), each assigned to a site, before typing."""
+        if self.lesions is not None:
+            return self.lesions
+        self.lesions = []
+        spec = self.manifest.lesions
+        if spec is None:
+            return self.lesions
+        out = self.outputs.get(spec.stage)
+        if out is None or out.probabilities is None:
+            return self.lesions
+        rule = out.stage.rule(spec.channel)
+        prob = out.channel(spec.channel)
+        sub = _support_box(prob, rule.threshold * 0.5, out.box)  # type: ignore[arg-type]
+        if sub is None:
+            return self.lesions
+        block = prob[tuple(slice(s - b, s - b + n) for s, b, n in zip(sub.start, out.box.start, sub.shape))]  # type: ignore[union-attr]
+        values, where = self.grids.to_source(block, sub)
+        labels, count = ndimage.label(values >= rule.threshold)
+        if count == 0:
+            return self.lesions
+        masks = self.segment_masks()
+        organs = {s.site: masks[s.organ_segment][where] for s in spec.sites}
+        spacing = self.grids.spacing
+        offset = [w.start for w in where]
+        for index, component in enumerate(ndimage.find_objects(labels), start=1):
+            local = labels[component] == index
+            voxels = int(local.sum())
+            overlap = {site: int((organ[component] & local).sum()) for site, organ in organs.items()}
+            site, hits = max(overlap.items(), key=lambda kv: kv[1])
+            if hits == 0:
+                # Not inside any screened organ: a lesion at the organ's edge may have been left out of
+                # the organ mask; look 5 mm around it before dropping it.
+                grown = ndimage.binary_dilation(
+                    local, iterations=max(1, int(round(5.0 / min(spacing)))), mask=np.ones_like(local))
+                overlap = {s: int((organ[component] & grown).sum()) for s, organ in organs.items()}
+                site, hits = max(overlap.items(), key=lambda kv: kv[1])
+                if hits == 0:
+                    continue
+            full = np.zeros(self.grids.shape, dtype=bool)
+            full_slices = tuple(slice(o + c.start, o + c.stop) for o, c in zip(offset, component))
+            full[full_slices] = local
+            centre_idx = np.array([c.start + o for c, o in zip(component, offset)]) + np.array(
+                ndimage.center_of_mass(local))
+            self.lesions.append({
+                "site": site,
+                "mask": full,
+                "score": float(values[component][local].max()),
+                "voxels": voxels,
+                "volume_mm3": voxels * self.voxel_mm3,
+                "centre_mm": (centre_idx + 0.5) * np.asarray(spacing),
+            })
+        return self.lesions
+
+    def typing_centres(self, stage, outputs: dict[str, StageOutput]) -> list[np.ndarray]:  # noqa: ANN001
+        self.outputs = outputs
+        spec = self.manifest.lesions
+        if spec is None or spec.typing_stage != stage.id:
+            return []
+        return [lesion["centre_mm"] for lesion in self.lesion_components()]
+
+
+class SeriesAnalyzer:
+    """Runs every enabled model bundle on CT volumes and encodes the results."""
+
+    def __init__(self, bundles: ModelBundle | Sequence[ModelBundle], labelling: ResultLabelling | None = None) -> None:
+        self.bundles = [bundles] if isinstance(bundles, ModelBundle) else list(bundles)
+        if not self.bundles:
+            raise ValueError("SeriesAnalyzer needs at least one model bundle")
+        ids = [b.manifest.id for b in self.bundles]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"two enabled bundles share an id: {ids}")
+        self.labelling = labelling or ResultLabelling()
+
+    @property
+    def bundle(self) -> ModelBundle:
+        """The first bundle (most callers run one)."""
+        return self.bundles[0]
+
+    def run_bundle(self, bundle: ModelBundle, grids: VolumeGrids, volume: CTVolume,
+                   timings: dict[str, float]) -> _BundleRun:
+        """Every stage of ``bundle``, then the segment masks and lesion candidates (LPS source grid)."""
+        run = _BundleRun(bundle, grids, volume)
+        run.outputs = CascadeRunner(bundle).run(grids, components=run.typing_centres, timings=timings)
+        start = time.perf_counter()
+        run.segment_masks()
+        run.lesion_components()
+        timings[f"postprocess {bundle.manifest.id}"] = time.perf_counter() - start
+        return run
+
+    def masks(self, volume: CTVolume, bundle: ModelBundle | None = None) -> dict[str, np.ndarray]:
+        """Each segment's mask (volume order) from one bundle, without measuring or encoding."""
+        grids = VolumeGrids(volume)
+        run = self.run_bundle(bundle or self.bundle, grids, volume, {})
+        return {label: flip(mask, grids.flips) for label, mask in run.segment_masks().items()}
+
+    def findings(
+        self, volume: CTVolume, bundle: ModelBundle | None = None
+    ) -> tuple[list[SegmentFinding], list[SiteResult], dict[str, Any]]:
+        """Findings, per-site answers and measurements of one bundle, without encoding."""
+        run = self.run_bundle(bundle or self.bundle, VolumeGrids(volume), volume, {})
+        return self.findings_of(run)
+
+    def findings_of(self, run: _BundleRun) -> tuple[list[SegmentFinding], list[SiteResult], dict[str, Any]]:
+        """Organ and lesion findings (volume order), per-site answers and measurements."""
+        m = run.manifest
+        key = run.bundle.key
+        volume = run.volume
+        flips = run.grids.flips
+        hu = run.grids.hu
+        masks = run.segment_masks()
+        findings: list[SegmentFinding] = []
+        for spec in m.segments:
             mask = masks[spec.label]
             count = int(mask.sum())
             if count == 0:
-                LOG.info("segment %s is empty in series %s", spec.label, volume.series_instance_uid)
+                LOG.info("segment %s of %s is empty in series %s", spec.label, m.id, volume.series_instance_uid)
                 continue
-            findings.append(self._finding(volume, spec, mask, count, len(findings) + 1, key))
-        return findings
+            stats = organ_stats(hu, mask, run.grids.spacing)
+            findings.append(SegmentFinding(
+                number=len(findings) + 1,
+                label=spec.label,
+                category=spec.category,
+                type=spec.type,
+                finding_site=spec.finding_site,
+                mask=np.ascontiguousarray(flip(mask, flips)),
+                tracking_id=f"{spec.label} ({m.id})",
+                tracking_uid=derive_uid("tracking", volume.series_instance_uid, key, spec.label),
+                volume_mm3=count * run.voxel_mm3,
+                mean_hu=float(stats.mean_hu),
+                voxel_count=count,
+                extra={"median_hu": float(stats.median_hu), "cut_by_field_of_view": bool(stats.cut_by_field_of_view),
+                       "role": spec.role},
+            ))
+        sites: list[SiteResult] = []
+        measurements: dict[str, Any] = {}
+        lesion_spec = m.lesions
+        if lesion_spec is not None:
+            typing = run.outputs.get(lesion_spec.typing_stage) if lesion_spec.typing_stage else None
+            vectors = typing.vectors if typing is not None else []
+            kept: dict[str, list[SegmentFinding]] = {s.site: [] for s in lesion_spec.sites}
+            for i, lesion in enumerate(run.lesion_components()):
+                site = lesion_spec.site(lesion["site"])
+                size = nodule_measurements(hu, lesion["mask"], run.grids.spacing)
+                long_axis = max((n.long_axis_mm for n in size), default=0.0)
+                short_axis = max((n.short_axis_mm for n in size), default=0.0)
+                if lesion["score"] < site.threshold or long_axis < site.min_diameter_mm \
+                        or lesion["volume_mm3"] < site.min_component_mm3:
+                    continue
+                extra: dict[str, Any] = {
+                    "site": site.site, "score": lesion["score"], "long_axis_mm": long_axis,
+                    "short_axis_mm": short_axis, "mean_diameter_mm": round((long_axis + short_axis) / 2, 1),
+                    "centre_mm": [float(v) for v in lesion["centre_mm"]], "role": "lesion",
+                }
+                lesion_type = CodeSpec("52988006", "SCT", "Lesion")
+                if i < len(vectors):
+                    probs = {c: float(p) for c, p in zip(typing.stage.channels, vectors[i])}  # type: ignore[union-attr]
+                    best = max(probs, key=probs.get)  # type: ignore[arg-type]
+                    lesion_type = lesion_spec.types[best]
+                    extra.update(type=best, type_probabilities=probs,
+                                 malignancy=sum(probs[c] for c in lesion_spec.malignant_types))
+                organ = m.segment(site.organ_segment)
+                number = len(kept[site.site]) + 1
+                label = f"{site.site} lesion {number}"
+                findings.append(SegmentFinding(
+                    number=len(findings) + 1,
+                    label=label,
+                    category=LESION_CATEGORY,
+                    type=lesion_type,
+                    finding_site=organ.finding_site or organ.type,
+                    mask=np.ascontiguousarray(flip(lesion["mask"], flips)),
+                    tracking_id=f"{label} ({m.id})",
+                    tracking_uid=derive_uid("tracking", volume.series_instance_uid, key, label),
+                    volume_mm3=lesion["volume_mm3"],
+                    mean_hu=float(hu[lesion["mask"]].mean(dtype=np.float64)),
+                    voxel_count=lesion["voxels"],
+                    extra=extra,
+                ))
+                kept[site.site].append(findings[-1])
+            for site in lesion_spec.sites:
+                organ_mask = masks[site.organ_segment]
+                found = kept[site.site]
+                score = max((f.extra["score"] for f in found), default=0.0)
+                if found:
+                    sites.append(SiteResult(site.site, site.finding, "present", score,
+                                            lesion_labels=[_lesion_text(f) for f in found]))
+                elif not organ_mask.any():
+                    sites.append(SiteResult(site.site, site.finding, "not evaluable", 0.0,
+                                            f"{site.organ_segment.lower()} not found in the field of view"))
+                elif field_of_view_cut(organ_mask):
+                    sites.append(SiteResult(site.site, site.finding, "not evaluable", 0.0,
+                                            f"{site.organ_segment.lower()} cut by the field of view"))
+                else:
+                    sites.append(SiteResult(site.site, site.finding, "absent", 0.0))
+        measurements.update(self.measure(run, findings))
+        return findings, sites, measurements
 
-    def _finding(
-        self, volume: CTVolume, spec: SegmentSpec, mask: np.ndarray, count: int, number: int, key: str
-    ) -> SegmentFinding:
-        return SegmentFinding(
-            number=number,
-            label=spec.label,
-            category=spec.category,
-            type=spec.type,
-            finding_site=spec.finding_site,
-            mask=mask,
-            tracking_id=f"{spec.label} ({self.bundle.manifest.id})",
-            tracking_uid=derive_uid("tracking", volume.series_instance_uid, key, spec.label),
-            volume_mm3=count * volume.voxel_volume_mm3,
-            mean_hu=float(volume.hu[mask].mean(dtype=np.float64)),
-            voxel_count=count,
-        )
+    def measure(self, run: _BundleRun, findings: list[SegmentFinding]) -> dict[str, Any]:
+        """The manifest's opportunistic measurements (bone density, steatosis, lung nodules)."""
+        conf = run.manifest.measurements
+        masks = run.segment_masks()
+        hu, spacing = run.grids.hu, run.grids.spacing
+        kvp = _kvp(run.volume)
+        out: dict[str, Any] = {}
+        if "bone_density" in conf:
+            c = conf["bone_density"]
+            levels = vertebral_levels_from_ribs(masks[c["vertebra_segment"]], masks[c["rib_segment"]], spacing)
+            result = bone_density_assessment(levels, hu, spacing, kvp)
+            out["bone_density"] = _plain(result)
+        if "steatosis" in conf:
+            c = conf["steatosis"]
+            liver = organ_stats(hu, masks[c["liver_segment"]], spacing)
+            spleen = organ_stats(hu, masks[c["spleen_segment"]], spacing) if c.get("spleen_segment") else None
+            out["steatosis"] = _plain(steatosis_assessment(liver, spleen))
+            out["steatosis"]["kvp"] = kvp
+        if "lung_nodules" in conf:
+            site = conf["lung_nodules"]["site"]
+            nodules = []
+            for f in findings:
+                if f.extra.get("site") == site:
+                    mask = flip(f.mask, run.grids.flips)
+                    for n in nodule_measurements(hu, mask, spacing):
+                        nodules.append({"label": f.label, "mean_diameter_mm": n.mean_diameter_mm,
+                                        "volume_mm3": n.volume_mm3, "lung_rads": n.lung_rads})
+                        f.extra["lung_rads"] = n.lung_rads
+            out["lung_nodules"] = nodules
+        return out
 
     def analyse(
         self,
@@ -209,49 +492,53 @@ class SeriesAnalyzer:
         version: int = 1,
         previous_reports: Sequence[Dataset] = (),
     ) -> SeriesResult:
-        """Run every stage on one volume; raises SeriesRejected or a PacsAiError.
+        """Run every bundle on one volume; raises SeriesRejected or a PacsAiError.
 
         ``version`` > 1 makes results that supersede an earlier run on the same
         series (late instances): new UIDs, "vN" in the series descriptions, and
-        the SR lists ``previous_reports`` as its predecessors.
+        each SR lists the earlier SR of its own bundle in ``previous_reports``
+        as its predecessor.
         """
         timings: dict[str, float] = {}
-
-        def stage(name: str) -> None:
-            timings[name] = time.perf_counter()
-            if progress:
-                progress(name)
-
         start = time.perf_counter()
         check_eligibility(volume)
-        stage("inference")
-        labels = self.segment(volume)
-        stage("postprocess")
-        masks = self.postprocess(volume, labels)
-        findings = self.measure(volume, masks)
-        if not findings:
-            raise ResultEncodingError(f"model {self.bundle.key} found nothing to segment in this series")
-        stage("encode")
-        segmentation, report = self.encode(volume, findings, version=version, previous_reports=previous_reports)
-        timings["end"] = time.perf_counter()
-        names = list(timings)
-        durations = {"eligibility": timings[names[0]] - start}
-        for a, b in zip(names, names[1:]):
-            durations[a] = timings[b] - timings[a]
-        return SeriesResult(findings, segmentation, report, self.bundle.key, durations)
+        grids = VolumeGrids(volume)
+        timings["eligibility"] = time.perf_counter() - start
+        results = []
+        for index, bundle in enumerate(self.bundles):
+            if progress:
+                progress("inference")
+            run = self.run_bundle(bundle, grids, volume, timings)
+            findings, sites, measurements = self.findings_of(run)
+            if not findings:
+                raise ResultEncodingError(f"model {bundle.key} found nothing to segment in this series")
+            if progress:
+                progress("encode")
+            t0 = time.perf_counter()
+            mine = [ds for ds in previous_reports if _made_by(ds, bundle)]
+            seg, sr = self.encode(volume, findings, bundle=bundle, index=index, version=version,
+                                  previous_reports=mine)
+            timings[f"encode {bundle.manifest.id}"] = time.perf_counter() - t0
+            results.append(BundleResult(bundle.key, bundle.manifest.id, findings, seg, sr, sites, measurements,
+                                        {k: v.skipped or "ran" for k, v in run.outputs.items()}))
+        timings["total"] = time.perf_counter() - start
+        return SeriesResult(results, timings)
 
     def encode(
         self,
         volume: CTVolume,
         findings: list[SegmentFinding],
         *,
+        bundle: ModelBundle | None = None,
+        index: int = 0,
         version: int = 1,
         previous_reports: Sequence[Dataset] = (),
     ) -> tuple[Dataset, Dataset]:
         """Build the SEG and the SR with UIDs derived from the source series, the model and the version."""
-        uids = result_uids(volume.series_instance_uid, self.bundle.key, version)
+        bundle = bundle or self.bundle
+        uids = result_uids(volume.series_instance_uid, bundle.key, version)
         suffix = f" v{version}" if version > 1 else ""
-        algorithm = self.bundle.algorithm_identity(self.labelling.software_version)
+        algorithm = bundle.algorithm_identity(self.labelling.software_version)
         notice = self.labelling.research_notice
         seg = build_segmentation(
             volume,
@@ -259,8 +546,8 @@ class SeriesAnalyzer:
             algorithm,
             series_instance_uid=uids.seg_series_instance_uid,
             sop_instance_uid=uids.seg_sop_instance_uid,
-            series_number=self.labelling.seg_series_number,
-            series_description=_description(f"AI {self.bundle.manifest.id} SEG{suffix}", notice),
+            series_number=self.labelling.seg_series_number + 10 * index,
+            series_description=_description(f"AI {bundle.manifest.id} SEG{suffix}", notice),
             content_description=notice,
         )
         sr = build_measurement_report(
@@ -270,12 +557,52 @@ class SeriesAnalyzer:
             algorithm,
             series_instance_uid=uids.sr_series_instance_uid,
             sop_instance_uid=uids.sr_sop_instance_uid,
-            series_number=self.labelling.sr_series_number,
-            series_description=_description(f"AI {self.bundle.manifest.id} report{suffix}", notice),
+            series_number=self.labelling.sr_series_number + 10 * index,
+            series_description=_description(f"AI {bundle.manifest.id} report{suffix}", notice),
             research_notice=notice,
             previous_versions=previous_reports,
         )
         return seg, sr
+
+
+#: SEG category of lesions (SCT 49755003, PS3.16 CID 7150).
+LESION_CATEGORY = CodeSpec("49755003", "SCT", "Morphologically Abnormal Structure")
+
+
+def _lesion_text(f: SegmentFinding) -> str:
+    text = f"{f.label} {f.extra['long_axis_mm']:.0f} mm"
+    if "type" in f.extra:
+        text += f" {f.extra['type']}"
+    return text
+
+
+def _kvp(volume: CTVolume) -> float | None:
+    try:
+        return float(volume.first.KVP)
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
+def _plain(result: Any) -> dict[str, Any]:
+    """A measurement result dataclass as a JSON-friendly dict."""
+    if result is None:
+        return {"evaluable": False, "reason": "not measured"}
+    data = asdict(result) if is_dataclass(result) else dict(result)
+    clean: dict[str, Any] = {}
+    for k, v in data.items():
+        if isinstance(v, np.ndarray):
+            continue
+        if isinstance(v, (np.floating, np.integer)):
+            v = v.item()
+        clean[k] = list(v) if isinstance(v, tuple) else v
+    if hasattr(result, "evaluable"):
+        clean["evaluable"] = bool(result.evaluable)
+    return clean
+
+
+def _made_by(ds: Dataset, bundle: ModelBundle) -> bool:
+    """Whether an earlier SR came from this bundle (its series description names the bundle id)."""
+    return str(getattr(ds, "SeriesDescription", "")).startswith(f"AI {bundle.manifest.id} ")
 
 
 def _description(title: str, notice: str) -> str:

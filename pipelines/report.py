@@ -121,6 +121,17 @@ def _measurement_group(
             derivation=codes.SCT.Mean,
         ),
     ]
+    # Lesions (pipelines.analysis): axial long and short axes, and the typing stage's probability of cancer.
+    for key, name in (("long_axis_mm", codes.SCT.LongAxis), ("short_axis_mm", codes.SCT.ShortAxis)):
+        if key in seg.extra:
+            measurements.append(hd.sr.Measurement(
+                name=name, value=_finite(seg.extra[key], f"segment {seg.number} {key}"), unit=codes.UCUM.Millimeter))
+    if "malignancy" in seg.extra:
+        measurements.append(hd.sr.Measurement(
+            name=codes.DCM.ProbabilityOfCancer,
+            value=_finite(seg.extra["malignancy"], f"segment {seg.number} probability of cancer"),
+            unit=codes.UCUM.NoUnits,
+        ))
     finding_sites = [hd.sr.FindingSite(anatomic_location=coded(seg.finding_site))] if seg.finding_site else None
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=seg.tracking_uid, identifier=seg.tracking_id),

@@ -50,7 +50,7 @@ send_dimse_timeout_s = 20
 
 [models]
 models_dir = "/opt/models"
-model = "other-model"
+enabled_models = ["other-model"]
 require_gpu = true
 
 [results]
@@ -83,8 +83,8 @@ def test_defaults() -> None:
     assert config.allowed_calling_ae_titles == ()
     assert config.require_gpu is False
     assert config.models_dir == REPO / "onnx_models"
-    assert config.model_dir == REPO / "onnx_models" / "body-lungs"
-    assert config.model_dir.is_dir()
+    assert REPO / "onnx_models" / "body-lungs" in config.model_dirs
+    assert all(d.is_dir() for d in config.model_dirs)
     assert config.state_path == config.data_dir / "state.sqlite3"
     assert config.spool_dir == config.data_dir / "spool"
     assert config.results_dir == config.data_dir / "results"
@@ -112,8 +112,8 @@ def test_full_file_with_every_section(tmp_path: Path) -> None:
     assert config.send_connect_timeout_s == 4.5
     assert config.send_dimse_timeout_s == 20.0 and isinstance(config.send_dimse_timeout_s, float)
     assert config.models_dir == Path("/opt/models")
-    assert config.model == "other-model"
-    assert config.model_dir == Path("/opt/models/other-model")
+    assert config.enabled_models == ("other-model",)
+    assert config.model_dirs == [Path("/opt/models/other-model")]
     assert config.require_gpu is True
     assert config.research_notice == "Research only."
     assert config.destinations == (
@@ -182,7 +182,8 @@ def test_absolute_and_home_paths_are_kept(tmp_path: Path, monkeypatch: pytest.Mo
         ("[series]\nseries_quiet_seconds = -1\n", ["series_quiet_seconds", "must be > 0"]),
         ('[models]\nrequire_gpu = "yes"\n', ["require_gpu", "true or false"]),
         ("[models]\nrequire_gpu = 1\n", ["require_gpu", "true or false"]),
-        ("[models]\nmodel = []\n", ["model", "expected a string"]),
+        ("[models]\nenabled_models = \"body-lungs\"\n", ["enabled_models", "expected a list of bundle folder names"]),
+        ("[models]\nenabled_models = [\"a\", \"a\"]\n", ["enabled_models", "twice"]),
         ('[send]\ndestinations = "PACS@h:104"\n', ["destinations", "expected a list"]),
         ('[send]\ndestinations = ["PACS@h"]\n', ["send.destinations[0]", "AET@HOST:PORT"]),
         ('[send]\ndestinations = ["A@h:1", 104]\n', ["send.destinations[1]", "table or a string"]),
@@ -279,7 +280,7 @@ def test_with_overrides_applies_only_non_none(tmp_path: Path) -> None:
     assert changed.destinations == (dest,)
     assert changed.series_quiet_seconds == 2.5
     assert changed.require_gpu is False  # False is a value, not "not given"
-    assert changed.model == base.model
+    assert changed.enabled_models == base.enabled_models
     # The original is unchanged (frozen dataclass, a copy is returned).
     assert base.ae_title == "SCREEN1" and base.require_gpu is True and len(base.destinations) == 4
     assert base.with_overrides() == base

@@ -22,7 +22,8 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from conftest import REPO, abdomen_files
 from pipelines.analysis import MIN_SLICES, SeriesAnalyzer, check_eligibility
 from pipelines.errors import ModelError, SeriesRejected
-from pipelines.model import MANIFEST_NAME, ModelBundle, ModelManifest, discover_bundles, sha256_file
+from pipelines.manifest import MANIFEST_NAME, parse_manifest
+from pipelines.model import ModelBundle, discover_bundles, sha256_file
 from pipelines.volume import CTVolume, build_volume, load_series
 
 MODELS = REPO / "onnx_models"
@@ -96,18 +97,20 @@ def ct_series(
 
 
 def test_committed_manifest_validates() -> None:
-    m = ModelManifest.from_dict(manifest_data(), str(MANIFEST))
+    m = parse_manifest(manifest_data(), str(MANIFEST))
     assert m.id == "body-lungs"
-    assert m.artifact_file == "body_lungs.onnx"
-    assert m.channels == ("air", "lung", "tissue", "edge")
-    assert m.activation == "softmax"
-    assert m.target_spacing_mm == (3.0, 3.0, 3.0)
+    assert [a.file for a in m.artifacts] == ["body_lungs.onnx"]
+    stage = m.stage("body-lungs")
+    assert stage.channels == ("air", "lung", "tissue", "edge")
+    assert stage.activation == "none"  # the graph ends in a Softmax
+    assert stage.target_spacing_mm == (3.0, 3.0, 3.0)
     assert [s.label for s in m.segments] == ["Body", "Lungs"]
     assert [s.number for s in m.segments] == [1, 2]
     assert m.segments[1].postprocess["within"] == "Body"
     assert m.segments[0].finding_site is None
     assert m.segments[1].finding_site is not None and m.segments[1].finding_site.meaning == "Lung"
-    np.testing.assert_allclose(m.intensity.apply(np.asarray([-2000.0, 0.0, 500.0, 5000.0])), [-1.024, 0, 0.5, 3.071])
+    np.testing.assert_allclose(stage.intensity.apply(np.asarray([-2000.0, 0.0, 500.0, 5000.0])),
+                               [-1.024, 0, 0.5, 3.071])
 
 
 def _set(path: str, value: Any) -> Callable[[dict], None]:
@@ -135,42 +138,46 @@ def _delete(path: str) -> Callable[[dict], None]:
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
-        (_delete("id"), ["missing key 'id'"]),
-        (_delete("input"), ["missing key 'input."]),
-        (_delete("artifact.sha256"), ["missing key 'artifact.sha256'"]),
-        (_delete("segments.0.label"), ["segments[0]", "missing key 'label'"]),
-        (_delete("segments.1.category.meaning"), ["segments[1].category", "missing key 'meaning'"]),
-        (_set("schema_version", 2), ["schema_version"]),
-        (_set("version", ""), ["'version'", "empty"]),
-        (_set("output.activation", "relu"), ["output.activation", "'relu'"]),
-        (_set("output.channels", ["air", "air"]), ["output.channels"]),
-        (_set("input.axis_order", "NZYXC"), ["input.axis_order"]),
-        (_set("input.target_spacing_mm", [3.0, 0, 3.0]), ["input.target_spacing_mm"]),
-        (_set("input.target_spacing_mm", "3"), ["input.target_spacing_mm", "wrong type"]),
-        (_set("input.intensity.clip_hu", [100, -100]), ["input.intensity.clip_hu"]),
-        (_set("input.intensity.scale", "0.001"), ["input.intensity.scale", "wrong type"]),
-        (_set("artifact.sha256", "abc123"), ["artifact.sha256", "64 hex"]),
+        (_delete("id"), ["(top level)", "'id' is a required property"]),
+        (_delete("stages.0.input"), ["stages.0", "'input' is a required property"]),
+        (_delete("artifacts.0.sha256"), ["artifacts.0", "'sha256'"]),
+        (_delete("segments.0.label"), ["segments.0", "'label' is a required property"]),
+        (_delete("segments.1.category.meaning"), ["segments.1.category", "'meaning'"]),
+        (_set("schema_version", 1), ["schema_version must be 2"]),
+        (_set("version", ""), ["version", "does not match"]),
+        (_set("version", "1.0"), ["version", "does not match"]),
+        (_set("stages.0.output.activation", "relu"), ["stages.0.output.activation", "'relu'"]),
+        (_set("stages.0.output.channels", ["air", "air"]), ["stages.0.output.channels", "non-unique"]),
+        (_set("stages.0.input.axis_order", "NZYXC"), ["stages.0.input.axis_order"]),
+        (_set("stages.0.input.target_spacing_mm", [3.0, 0, 3.0]), ["stages.0.input.target_spacing_mm.1"]),
+        (_set("stages.0.input.target_spacing_mm", "3"), ["stages.0.input.target_spacing_mm", "not of type"]),
+        (_set("stages.0.input.intensity.clip_hu", [100, -100]), ["stages[0].input.intensity.clip_hu"]),
+        (_set("stages.0.input.intensity.scale", "0.001"), ["stages.0.input.intensity", "not of type"]),
+        (_set("stages.0.artifact", "other"), ["stages[0].artifact", "'other'"]),
+        (_set("artifacts.0.sha256", "abc123"), ["artifacts.0.sha256", "does not match"]),
         (_set("segments.0.channels", ["tissue", "bone"]), ["segments[0].channels", "bone"]),
-        (_set("segments.0.channels", []), ["segments[0].channels"]),
-        (_set("segments.1.postprocess.dilate_mm", 2), ["segments[1].postprocess", "dilate_mm"]),
+        (_set("segments.0.channels", []), ["segments.0.channels", "should be non-empty"]),
+        (_set("segments.0.stage", "organs"), ["segments[0].stage", "'organs'"]),
+        (_set("segments.1.postprocess.dilate_mm", 2), ["segments.1.postprocess", "dilate_mm"]),
         (_set("segments.0.postprocess.within", "Lungs"), ["segments[0].postprocess.within", "'Lungs'"]),
         (_set("segments.1.postprocess.within", "Liver"), ["segments[1].postprocess.within", "'Liver'"]),
-        (_set("segments.1.postprocess.within", ["Body"]), ["segments[1].postprocess.within"]),
-        (_set("segments.0.postprocess.largest_component", "yes"), ["segments[0].postprocess.largest_component"]),
-        (_set("segments.1.postprocess.min_component_mm3", "big"), ["segments[1].postprocess.min_component_mm3"]),
-        (_set("segments.1.postprocess.min_component_mm3", -5), ["segments[1].postprocess.min_component_mm3"]),
+        (_set("segments.1.postprocess.within", ["Body"]), ["segments.1.postprocess.within"]),
+        (_set("segments.0.postprocess.largest_component", "yes"), ["segments.0.postprocess.largest_component"]),
+        (_set("segments.1.postprocess.min_component_mm3", "big"), ["segments.1.postprocess.min_component_mm3"]),
+        (_set("segments.1.postprocess.min_component_mm3", -5), ["segments.1.postprocess.min_component_mm3"]),
         (_set("segments.1.label", "Body"), ["segments[1].label", "'Body'"]),
         (_set("segments.1.number", 3), ["numbered 1..n", "[1, 3]"]),
-        (_set("segments.0.number", True), ["segments[0]", "'number'", "wrong type"]),
-        (_set("segments", []), ["numbered 1..n"]),
-        (_set("segments.0", "Body"), ["segments[0]", "expected an object"]),
+        (_set("segments.0.number", True), ["segments.0.number", "not of type"]),
+        (_set("segments", []), ["segments", "should be non-empty"]),
+        (_set("segments.0", "Body"), ["segments.0", "not of type 'object'"]),
+        (_set("extra_key", 1), ["Additional properties", "extra_key"]),
     ],
 )
 def test_manifest_errors_name_the_key(change: Callable[[dict], None], expected: list[str]) -> None:
     data = manifest_data()
     change(data)
     with pytest.raises(ModelError) as info:
-        ModelManifest.from_dict(data, "bundle/manifest.json")
+        parse_manifest(data, "bundle/manifest.json")
     message = str(info.value)
     assert message.startswith("bundle/manifest.json")
     for text in expected:
@@ -180,7 +187,7 @@ def test_manifest_errors_name_the_key(change: Callable[[dict], None], expected: 
 def test_unmodified_copy_still_validates_after_the_error_cases() -> None:
     data = manifest_data()
     original = copy.deepcopy(data)
-    ModelManifest.from_dict(data, "m")
+    parse_manifest(data, "m")
     assert data == original  # validation does not modify its input
 
 
@@ -190,9 +197,11 @@ def test_unmodified_copy_still_validates_after_the_error_cases() -> None:
 def test_bundle_loads_and_verifies_sha256() -> None:
     b = bundle()
     data = manifest_data()
-    assert sha256_file(b.model_path) == data["artifact"]["sha256"] == b.manifest.sha256
+    sha = data["artifacts"][0]["sha256"]
+    assert sha256_file(b.paths["body_lungs"]) == sha == b.manifest.artifacts[0].sha256
     assert b.provider == "CPUExecutionProvider"
-    assert b.key == f"body-lungs@{data['version']}+{data['artifact']['sha256'][:16]}"
+    assert b.providers == {"body_lungs": "CPUExecutionProvider"}
+    assert b.key == f"body-lungs@{data['version']}+{b.manifest.combined_sha256[:16]}"
     identity = b.algorithm_identity("9.9")
     assert identity.name == "body-lungs" and identity.software_version == "9.9"
     assert identity.device_uid == b.algorithm_identity("other").device_uid  # tied to the model, not the node
@@ -214,13 +223,13 @@ def test_tampered_model_is_refused(tmp_path: Path) -> None:
         ModelBundle(folder, providers=CPU)
     message = str(info.value)
     assert "sha256" in message and "does not match" in message
-    assert manifest_data()["artifact"]["sha256"] in message
+    assert manifest_data()["artifacts"][0]["sha256"] in message
 
 
 def test_manifest_naming_an_input_the_model_lacks_is_refused(tmp_path: Path) -> None:
     folder = copy_bundle(tmp_path)
     data = manifest_data()
-    data["input"]["name"] = "image"
+    data["stages"][0]["input"]["name"] = "image"
     (folder / MANIFEST_NAME).write_text(json.dumps(data))
     with pytest.raises(ModelError) as info:
         ModelBundle(folder, providers=CPU)
@@ -262,7 +271,7 @@ def test_build_script_reproduces_the_committed_model_byte_for_byte() -> None:
     data = built.SerializeToString()
     committed = (BUNDLE / "body_lungs.onnx").read_bytes()
     assert data == committed
-    assert hashlib.sha256(data).hexdigest() == manifest_data()["artifact"]["sha256"]
+    assert hashlib.sha256(data).hexdigest() == manifest_data()["artifacts"][0]["sha256"]
     # Deterministic: a second build gives the same bytes.
     assert module.build_model().SerializeToString() == data
 
@@ -272,28 +281,27 @@ def test_committed_model_is_readable_by_onnxruntime() -> None:
     assert model.ir_version <= 13
     assert [(o.domain, o.version) for o in model.opset_import] == [("", 17)]
     onnx.checker.check_model(model)
-    assert [i.name for i in model.graph.input] == [manifest_data()["input"]["name"]]
-    assert [o.name for o in model.graph.output] == [manifest_data()["output"]["name"]]
+    stage = manifest_data()["stages"][0]
+    assert [i.name for i in model.graph.input] == [stage["input"]["name"]]
+    assert [o.name for o in model.graph.output] == [stage["output"]["name"]]
 
 
-def test_predict_checks_its_input() -> None:
-    b = bundle()
-    with pytest.raises(ModelError, match="float32 NCZYX"):
-        b.predict(np.zeros((1, 1, 4, 4, 4), dtype=np.float64))
-    with pytest.raises(ModelError, match="float32 NCZYX"):
-        b.predict(np.zeros((4, 4, 4), dtype=np.float32))
-    out = b.predict(np.zeros((1, 1, 4, 5, 6), dtype=np.float32))
-    assert out.shape == (1, len(manifest_data()["output"]["channels"]), 4, 5, 6)
+def test_session_checks_its_input() -> None:
+    session = bundle().sessions["body_lungs"]
+    with pytest.raises(ModelError, match="float32"):
+        session.run(np.zeros((1, 1, 4, 4, 4), dtype=np.float64))
+    out = session.run(np.zeros((1, 1, 4, 5, 6), dtype=np.float32))
+    assert out.shape == (1, 4, 4, 5, 6)
     np.testing.assert_allclose(out.sum(axis=1), 1.0, atol=1e-5)  # softmax over channels
 
 
 def test_model_channels_on_homogeneous_tissue_and_lung() -> None:
     b = bundle()
-    m = b.manifest
+    stage = b.manifest.stages[0]
     for hu, channel in ((0.0, "tissue"), (300.0, "tissue"), (-850.0, "lung")):
-        x = m.intensity.apply(np.full((1, 1, 5, 5, 5), hu, dtype=np.float32))
-        probabilities = b.predict(x)[0, :, 2, 2, 2]
-        assert m.channels[int(np.argmax(probabilities))] == channel, (hu, probabilities)
+        x = stage.intensity.apply(np.full((1, 1, 5, 5, 5), hu, dtype=np.float32))
+        probabilities = b.sessions["body_lungs"].run(x)[0, :, 2, 2, 2]
+        assert stage.channels[int(np.argmax(probabilities))] == channel, (hu, probabilities)
         assert probabilities.max() > 0.98
 
 
@@ -319,9 +327,8 @@ def test_synthetic_phantom_body_and_lungs() -> None:
     assert volume.spacing_zyx == pytest.approx((3.0, 2.0, 2.0))
 
     analyzer = SeriesAnalyzer(bundle())
-    labels = analyzer.segment(volume)
-    assert labels.shape == volume.shape
-    masks = analyzer.postprocess(volume, labels)
+    masks = analyzer.masks(volume)
+    assert masks["Body"].shape == volume.shape
     body, lungs = masks["Body"], masks["Lungs"]
 
     # Body: the whole cylinder, the lung-like region inside included (holes filled),
@@ -334,7 +341,7 @@ def test_synthetic_phantom_body_and_lungs() -> None:
     assert not np.any((distance <= 24) & ~lungs)
     assert lungs.sum() > 0.6 * sphere.sum()
 
-    findings = analyzer.measure(volume, masks)
+    findings, _, _ = analyzer.findings(volume)
     by_label = {f.label: f for f in findings}
     assert [f.number for f in findings] == [1, 2]
     assert by_label["Lungs"].mean_hu == pytest.approx(-850, abs=10)
@@ -354,17 +361,17 @@ def test_small_lung_like_region_is_dropped() -> None:
     hu[np.sqrt((z - 24) ** 2 + y**2 + x**2) <= 12] = -850  # about 7 cm3
     volume = build_volume(ct_series(hu, step, step))
     analyzer = SeriesAnalyzer(bundle())
-    masks = analyzer.postprocess(volume, analyzer.segment(volume))
+    masks = analyzer.masks(volume)
     assert masks["Body"].sum() > 0
     assert not masks["Lungs"].any()
-    assert [f.label for f in analyzer.measure(volume, masks)] == ["Body"]
+    assert [f.label for f in analyzer.findings(volume)[0]] == ["Body"]
 
 
 def test_real_abdomen_body_and_lung_bases() -> None:
     volume = abdomen_volume()
     check_eligibility(volume)
     analyzer = SeriesAnalyzer(bundle())
-    masks = analyzer.postprocess(volume, analyzer.segment(volume))
+    masks = analyzer.masks(volume)
     body, lungs = masks["Body"], masks["Lungs"]
     body_litres = body.sum() * volume.voxel_volume_mm3 / 1e6
     assert 15 < body_litres < 40

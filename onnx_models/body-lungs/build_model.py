@@ -118,7 +118,7 @@ def main() -> int:
     MODEL_FILE.write_bytes(data)
     digest = hashlib.sha256(data).hexdigest()
     manifest = json.loads(MANIFEST_FILE.read_text())
-    manifest["artifact"]["sha256"] = digest
+    manifest["artifacts"][0]["sha256"] = digest
     MANIFEST_FILE.write_text(json.dumps(manifest, indent=2) + "\n")
     print(f"wrote {MODEL_FILE.name} ({len(data)} bytes, sha256 {digest})")
     return 0

@@ -47,8 +47,16 @@ def _config_from_args(args: argparse.Namespace) -> NodeConfig:
         "http_port": getattr(args, "http_port", None),
         "series_quiet_seconds": getattr(args, "quiet_seconds", None),
         "destinations": tuple(Destination.parse(d) for d in args.send_to) if getattr(args, "send_to", None) else None,
+        "enabled_models": _model_names(args.models) if getattr(args, "models", None) else None,
     }
     return config.with_overrides(**overrides)
+
+
+def _model_names(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise ConfigError(f"--models: expected bundle folder names separated by commas, got {text!r}")
+    return names
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -196,12 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--http-port", type=int, help="HTTP port for DICOMweb STOW-RS (default 8080; 0 = none)")
     serve.add_argument("--send-to", action="append", metavar="AET@HOST:PORT", help="result destination (repeatable)")
     serve.add_argument("--quiet-seconds", type=float, help="seconds without a new instance before a series is complete")
+    serve.add_argument("--models", metavar="NAME[,NAME...]",
+                       help="bundles to run (folder names under models_dir; default: models.enabled_models, else all)")
     serve.set_defaults(func=cmd_serve)
 
     process = sub.add_parser("process", help="run the pipeline offline on a folder of DICOM files")
     process.add_argument("input_dir", metavar="INPUT_DIR")
     process.add_argument("--output", required=True, metavar="DIR", help="where SEG and SR files are written")
     process.add_argument("--config", type=Path)
+    process.add_argument("--models", metavar="NAME[,NAME...]", help="bundles to run (default: as serve)")
     process.set_defaults(func=cmd_process)
 
     echo = sub.add_parser("echo", help="C-ECHO a DICOM peer and print the round-trip time")

@@ -200,7 +200,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             print(f"  {name} done", file=sys.stderr)
 
     report = validate_bundle(bundle, Path(args.cases), min_diameter_mm=args.min_diameter_mm, limit=args.limit,
-                             progress=progress)
+                             progress=progress, workers=args.workers)
     print(format_report(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
@@ -253,6 +253,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("cases", metavar="LABELLED_DIR", help="folder of CASE/{dicom/,labels.npz,truth.json}")
     p.add_argument("--min-diameter-mm", type=float, default=10.0, help="lesion size for the headline figures")
     p.add_argument("--limit", type=int, help="only the first N cases")
+    p.add_argument("--workers", type=int, default=1, help="cases evaluated in this many processes")
     p.add_argument("--json", help="also write the metrics to this JSON file")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--config", type=Path)

@@ -81,30 +81,61 @@ def check_eligibility(volume: CTVolume) -> None:
         raise SeriesRejected(f"only {volume.shape[0]} slices; at least {MIN_SLICES} needed")
 
 
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    labels, count = ndimage.label(mask)
-    if count <= 1:
+def _bounded(mask: np.ndarray, operation: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """Apply ``operation`` to the bounding box of ``mask`` only (labelling a whole 512x512x300
+    grid per segment costs seconds; the box is usually a small part of it)."""
+    objects = ndimage.find_objects(mask.astype(np.uint8, copy=False))
+    if not objects:
         return mask
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return labels == int(np.argmax(sizes))
+    box = objects[0]
+    out = np.zeros_like(mask)
+    out[box] = operation(mask[box])
+    return out
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    def largest(block: np.ndarray) -> np.ndarray:
+        labels, count = ndimage.label(block)
+        if count <= 1:
+            return block
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        return labels == int(np.argmax(sizes))
+
+    return _bounded(mask, largest)
 
 
 def _components_at_least(mask: np.ndarray, min_voxels: int) -> np.ndarray:
-    labels, count = ndimage.label(mask)
-    if count == 0:
-        return mask
-    sizes = np.bincount(labels.ravel())
-    keep = sizes >= min_voxels
-    keep[0] = False
-    return keep[labels]
+    def at_least(block: np.ndarray) -> np.ndarray:
+        labels, count = ndimage.label(block)
+        if count == 0:
+            return block
+        sizes = np.bincount(labels.ravel())
+        keep = sizes >= min_voxels
+        keep[0] = False
+        return keep[labels]
+
+    return _bounded(mask, at_least)
 
 
 def _fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
-    out = np.empty_like(mask)
-    for k in range(mask.shape[0]):
-        out[k] = ndimage.binary_fill_holes(mask[k])
-    return out
+    def fill(block: np.ndarray) -> np.ndarray:
+        out = np.empty_like(block)
+        for k in range(block.shape[0]):
+            out[k] = ndimage.binary_fill_holes(block[k])
+        return out
+
+    return _bounded(mask, fill)
+
+
+#: How far outside its organ mask a lesion may lie and still be assigned to the organ.
+NEAR_ORGAN_MM = 5.0
+
+
+def _ellipsoid(reach: list[int]) -> np.ndarray:
+    """A boolean ellipsoid with the given half-widths in voxels (a structuring element)."""
+    grids = np.ogrid[tuple(slice(-r, r + 1) for r in reach)]
+    return sum((g / max(r, 1)) ** 2 for g, r in zip(grids, reach)) <= 1.0
 
 
 def _support_box(prob: np.ndarray, floor: float, box: Box) -> Box | None:
@@ -137,7 +168,7 @@ class SiteResult:
         if self.status == "present":
             return f"{self.site}: lesion present (score {self.score:.2f}; {', '.join(self.lesion_labels)})"
         if self.status == "absent":
-            return f"{self.site}: no lesion (max score {self.score:.2f})"
+            return f"{self.site}: no lesion (best candidate score {self.score:.2f})"
         return f"{self.site}: not evaluable ({self.reason})"
 
 
@@ -278,28 +309,31 @@ class _BundleRun:
         if count == 0:
             return self.lesions
         masks = self.segment_masks()
-        organs = {s.site: masks[s.organ_segment][where] for s in spec.sites}
+        organs = {s.site: masks[s.organ_segment] for s in spec.sites}
         spacing = self.grids.spacing
         offset = [w.start for w in where]
+        reach = [max(1, int(round(NEAR_ORGAN_MM / step))) for step in spacing]
         for index, component in enumerate(ndimage.find_objects(labels), start=1):
             local = labels[component] == index
             voxels = int(local.sum())
-            overlap = {site: int((organ[component] & local).sum()) for site, organ in organs.items()}
+            full_slices = tuple(slice(o + c.start, o + c.stop) for o, c in zip(offset, component))
+            overlap = {site: int((organ[full_slices] & local).sum()) for site, organ in organs.items()}
             site, hits = max(overlap.items(), key=lambda kv: kv[1])
             if hits == 0:
-                # Not inside any screened organ: a lesion at the organ's edge may have been left out of
-                # the organ mask; look 5 mm around it before dropping it.
-                grown = ndimage.binary_dilation(
-                    local, iterations=max(1, int(round(5.0 / min(spacing)))), mask=np.ones_like(local))
-                overlap = {s: int((organ[component] & grown).sum()) for s, organ in organs.items()}
+                # Not inside any screened organ: a lesion at the organ's edge may have been left out of the
+                # organ mask. Look NEAR_ORGAN_MM around it (on the full grid) before dropping it.
+                window = tuple(slice(max(0, s.start - r), min(n, s.stop + r))
+                               for s, r, n in zip(full_slices, reach, self.grids.shape))
+                grown = np.zeros([w.stop - w.start for w in window], dtype=bool)
+                grown[tuple(slice(s.start - w.start, s.stop - w.start) for s, w in zip(full_slices, window))] = local
+                grown = ndimage.binary_dilation(grown, structure=_ellipsoid(reach))
+                overlap = {s: int((organ[window] & grown).sum()) for s, organ in organs.items()}
                 site, hits = max(overlap.items(), key=lambda kv: kv[1])
                 if hits == 0:
                     continue
             full = np.zeros(self.grids.shape, dtype=bool)
-            full_slices = tuple(slice(o + c.start, o + c.stop) for o, c in zip(offset, component))
             full[full_slices] = local
-            centre_idx = np.array([c.start + o for c, o in zip(component, offset)]) + np.array(
-                ndimage.center_of_mass(local))
+            centre_idx = np.array([s.start for s in full_slices]) + np.array(ndimage.center_of_mass(local))
             self.lesions.append({
                 "site": site,
                 "mask": full,
@@ -340,6 +374,15 @@ class SeriesAnalyzer:
         """Every stage of ``bundle``, then the segment masks and lesion candidates (LPS source grid)."""
         run = _BundleRun(bundle, grids, volume)
         run.outputs = CascadeRunner(bundle).run(grids, components=run.typing_centres, timings=timings)
+        # The typing stage asked for lesion centres before later stages ran: if a segment comes from a
+        # later stage, build the masks again (lesion components come out in the same order, so the
+        # typing vectors still line up).
+        if run.masks is not None and bundle.manifest.lesions and bundle.manifest.lesions.typing_stage:
+            order = [s.id for s in bundle.manifest.stages]
+            typing_at = order.index(bundle.manifest.lesions.typing_stage)
+            if any(order.index(seg.stage) > typing_at for seg in bundle.manifest.segments):
+                run.masks = None
+                run.lesions = None
         start = time.perf_counter()
         run.segment_masks()
         run.lesion_components()
@@ -397,8 +440,10 @@ class SeriesAnalyzer:
             typing = run.outputs.get(lesion_spec.typing_stage) if lesion_spec.typing_stage else None
             vectors = typing.vectors if typing is not None else []
             kept: dict[str, list[SegmentFinding]] = {s.site: [] for s in lesion_spec.sites}
+            raw: dict[str, float] = {s.site: 0.0 for s in lesion_spec.sites}
             for i, lesion in enumerate(run.lesion_components()):
                 site = lesion_spec.site(lesion["site"])
+                raw[site.site] = max(raw[site.site], lesion["score"])
                 size = nodule_measurements(hu, lesion["mask"], run.grids.spacing)
                 long_axis = max((n.long_axis_mm for n in size), default=0.0)
                 short_axis = max((n.short_axis_mm for n in size), default=0.0)
@@ -443,13 +488,14 @@ class SeriesAnalyzer:
                     sites.append(SiteResult(site.site, site.finding, "present", score,
                                             lesion_labels=[_lesion_text(f) for f in found]))
                 elif not organ_mask.any():
-                    sites.append(SiteResult(site.site, site.finding, "not evaluable", 0.0,
+                    sites.append(SiteResult(site.site, site.finding, "not evaluable", raw[site.site],
                                             f"{site.organ_segment.lower()} not found in the field of view"))
                 elif field_of_view_cut(organ_mask):
-                    sites.append(SiteResult(site.site, site.finding, "not evaluable", 0.0,
+                    sites.append(SiteResult(site.site, site.finding, "not evaluable", raw[site.site],
                                             f"{site.organ_segment.lower()} cut by the field of view"))
                 else:
-                    sites.append(SiteResult(site.site, site.finding, "absent", 0.0))
+                    # The score of an absent site is its best candidate below the site threshold (or 0).
+                    sites.append(SiteResult(site.site, site.finding, "absent", raw[site.site]))
         measurements.update(self.measure(run, findings))
         return findings, sites, measurements
 
@@ -511,7 +557,9 @@ class SeriesAnalyzer:
             run = self.run_bundle(bundle, grids, volume, timings)
             findings, sites, measurements = self.findings_of(run)
             if not findings:
-                raise ResultEncodingError(f"model {bundle.key} found nothing to segment in this series")
+                LOG.warning("model %s found nothing to segment in series %s: no SEG or SR from it",
+                            bundle.key, volume.series_instance_uid)
+                continue
             if progress:
                 progress("encode")
             t0 = time.perf_counter()
@@ -521,6 +569,9 @@ class SeriesAnalyzer:
             timings[f"encode {bundle.manifest.id}"] = time.perf_counter() - t0
             results.append(BundleResult(bundle.key, bundle.manifest.id, findings, seg, sr, sites, measurements,
                                         {k: v.skipped or "ran" for k, v in run.outputs.items()}))
+        if not results:
+            raise ResultEncodingError(
+                f"no model found anything to segment in this series ({', '.join(b.key for b in self.bundles)})")
         timings["total"] = time.perf_counter() - start
         return SeriesResult(results, timings)
 

@@ -68,23 +68,27 @@ def _axis_coordinates(n_out: int, start_mm: float, out_step: float, src_step: fl
     return np.clip(centres / src_step - 0.5, 0.0, n_src - 1.0)
 
 
+def resample_linear_axis(array: np.ndarray, coords: np.ndarray, axis: int) -> np.ndarray:
+    """Linear interpolation of one axis at continuous indices ``coords`` (already within range)."""
+    n = array.shape[axis]
+    if len(coords) == n and np.allclose(coords, np.arange(n)):
+        return array
+    lo = np.floor(coords).astype(np.intp)
+    hi = np.minimum(lo + 1, n - 1)
+    shape = [1] * array.ndim
+    shape[axis] = len(coords)
+    w = (coords - lo).astype(np.float32).reshape(shape)
+    a = np.take(array, lo, axis=axis)
+    b = np.take(array, hi, axis=axis)
+    return a * (1 - w) + b * w
+
+
 def resample_linear(array: np.ndarray, coordinates: list[np.ndarray]) -> np.ndarray:
     """Separable linear interpolation of the last three axes at per-axis coordinates."""
     out = array
     offset = array.ndim - 3
     for axis, coords in enumerate(coordinates):
-        n = out.shape[offset + axis]
-        if len(coords) == n and np.allclose(coords, np.arange(n)):
-            continue
-        lo = np.floor(coords).astype(np.intp)
-        hi = np.minimum(lo + 1, n - 1)
-        w = (coords - lo).astype(np.float32)
-        shape = [1] * out.ndim
-        shape[offset + axis] = len(coords)
-        w = w.reshape(shape)
-        a = np.take(out, lo, axis=offset + axis)
-        b = np.take(out, hi, axis=offset + axis)
-        out = a * (1 - w) + b * w
+        out = resample_linear_axis(out, coords, offset + axis)
     return out
 
 
@@ -120,7 +124,6 @@ class VolumeGrids:
         self.spacing: tuple[float, float, float] = tuple(float(s) for s in volume.spacing_zyx)  # type: ignore[assignment]
         self.extent_mm = tuple(n * s for n, s in zip(self.shape, self.spacing))
         self._cache: dict[tuple[float, float, float], np.ndarray] = {}
-        self._smoothed: dict[tuple[int, int, int], np.ndarray] = {}
 
     def grid_shape(self, spacing: tuple[float, float, float]) -> tuple[int, int, int]:
         return tuple(max(1, int(round(e / t))) for e, t in zip(self.extent_mm, spacing))  # type: ignore[return-value]
@@ -129,22 +132,38 @@ class VolumeGrids:
         shape = self.grid_shape(spacing)
         return Box((0, 0, 0), shape, shape, self.extent_mm)  # type: ignore[arg-type]
 
-    def _antialiased(self, step: tuple[float, ...]) -> np.ndarray:
-        sizes = tuple(max(1, int(round(t / s))) if t / s > _ANTIALIAS_FACTOR else 1 for t, s in zip(step, self.spacing))
-        if sizes == (1, 1, 1):
-            return self.hu
-        if sizes not in self._smoothed:
-            self._smoothed[sizes] = ndimage.uniform_filter(self.hu, size=sizes, mode="nearest")
-        return self._smoothed[sizes]
+    def _smoothing(self, step: tuple[float, ...]) -> tuple[int, ...]:
+        """Moving-average width per axis that anti-aliases a resampling to ``step`` (1: none)."""
+        return tuple(max(1, int(round(t / s))) if t / s > _ANTIALIAS_FACTOR else 1 for t, s in zip(step, self.spacing))
+
+    def sample_at(self, coordinates: list[np.ndarray], sizes: tuple[int, ...]) -> np.ndarray:
+        """HU at per-axis continuous source indices, each axis first averaged over ``sizes``.
+
+        Separable and cropped: each axis is smoothed and interpolated in turn,
+        on only the source voxels the coordinates (and the averaging) reach,
+        so the work shrinks with every axis and with the box.
+        """
+        lo = [int(np.floor(c.min())) - s for c, s in zip(coordinates, sizes)]
+        hi = [int(np.ceil(c.max())) + s + 1 for c, s in zip(coordinates, sizes)]
+        lo = [max(0, v) for v in lo]
+        hi = [min(n, v) for v, n in zip(hi, self.shape)]
+        block = self.hu[tuple(slice(a, b) for a, b in zip(lo, hi))]
+        for axis, (coords, size) in enumerate(zip(coordinates, sizes)):
+            if size > 1:
+                # mode "nearest" inside a cropped block equals the whole volume's: the crop keeps
+                # ``size`` voxels of margin, and true volume edges are block edges.
+                block = ndimage.correlate1d(block, _box_kernel(size), axis=axis, mode="nearest")
+            local = np.clip(coords - lo[axis], 0.0, block.shape[axis] - 1.0)
+            block = resample_linear_axis(block, local, axis)
+        return block.astype(np.float32, copy=False)
 
     def sample(self, box: Box) -> np.ndarray:
         """HU on ``box`` (linear interpolation, averaged first when downsampling)."""
-        source = self._antialiased(box.step)
         coords = [
             _axis_coordinates(n, s * st, st, src, nsrc)
             for n, s, st, src, nsrc in zip(box.shape, box.start, box.step, self.spacing, self.shape)
         ]
-        return resample_linear(source, coords).astype(np.float32, copy=False)
+        return self.sample_at(coords, self._smoothing(box.step))
 
     def at(self, spacing: tuple[float, float, float]) -> np.ndarray:
         """The whole volume at ``spacing`` (cached: shared by every stage that asks for it)."""
@@ -174,6 +193,16 @@ class VolumeGrids:
         return values, tuple(src_slices)  # type: ignore[return-value]
 
 
+def _box_kernel(size: int) -> np.ndarray:
+    """A centred moving average over ``size`` voxels: odd sizes plain, even sizes with half-weight ends
+    (a plain even-width filter would shift the image by half a voxel)."""
+    if size % 2:
+        return np.full(size, 1.0 / size, dtype=np.float32)
+    kernel = np.ones(size + 1, dtype=np.float32)
+    kernel[0] = kernel[-1] = 0.5
+    return kernel / size
+
+
 def gaussian_importance(patch: tuple[int, int, int], sigma_scale: float = 0.125) -> np.ndarray:
     """nnU-Net-style weights: a Gaussian centred on the patch, sigma = patch * sigma_scale, max 1."""
     impulse = np.zeros(patch, dtype=np.float32)
@@ -199,7 +228,9 @@ def _activate(logits: np.ndarray, activation: str) -> np.ndarray:
         shifted /= shifted.sum(axis=1, keepdims=True)
         return shifted
     if activation == "sigmoid":
-        return 1.0 / (1.0 + np.exp(-logits))
+        from scipy.special import expit
+
+        return expit(logits)
     return logits
 
 
@@ -360,12 +391,11 @@ class CascadeRunner:
         for centre in centres_mm:
             # A box on a virtual grid of the stage spacing whose voxel 0 starts at centre - extent/2.
             start_mm = [c - e / 2 for c, e in zip(centre, extent)]
-            source = grids._antialiased(spacing)
             coords = [
                 np.clip((s0 + (np.arange(p) + 0.5) * st) / src - 0.5, 0, n - 1)
                 for s0, p, st, src, n in zip(start_mm, patch, spacing, grids.spacing, grids.shape)
             ]
-            hu = resample_linear(source, coords)
+            hu = grids.sample_at(coords, grids._smoothing(spacing))
             # Outside the scanned volume: air, not a repeated edge.
             for axis, (s0, p, st) in enumerate(zip(start_mm, patch, spacing)):
                 centres_axis = s0 + (np.arange(p) + 0.5) * st

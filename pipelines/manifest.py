@@ -46,9 +46,19 @@ def schema_errors(data: Any) -> list[str]:
 
 def _short(error: Any) -> str:
     if error.validator == "oneOf" and error.context:
-        # The best alternative's message says more than "is not valid under any of the given schemas".
-        best = min(error.context, key=lambda e: len(list(e.absolute_path)) * -1)
-        return best.message
+        # Report the alternative the value meant (the one whose "method" constant matched), with the
+        # sub-key of its own error, rather than "is not valid under any of the given schemas".
+        by_branch: dict[Any, list[Any]] = {}
+        for sub in error.context:
+            by_branch.setdefault(sub.relative_schema_path[0], []).append(sub)
+        chosen = None
+        for subs in by_branch.values():
+            if not any(list(s.relative_path) == ["method"] for s in subs):
+                chosen = subs
+                break
+        best = (chosen or next(iter(by_branch.values())))[0]
+        where = ".".join(str(p) for p in best.relative_path)
+        return f"{where}: {best.message}" if where else best.message
     return error.message
 
 

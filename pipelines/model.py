@@ -43,11 +43,26 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def tensorrt_libraries_present() -> bool:
+    """Whether TensorRT's runtime library loads (onnxruntime-gpu lists its TensorRT provider without it)."""
+    import ctypes
+
+    for name in ("libnvinfer.so.10", "libnvinfer.so"):
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            continue
+    return False
+
+
 def default_providers(available: Sequence[str], *, tensorrt: bool = True) -> list[str]:
     """The providers to ask for, best first, among ``available``."""
     wanted: list[str] = []
     if NVIDIA_DRIVER.exists():
-        wanted = list(GPU_PROVIDERS if tensorrt else GPU_PROVIDERS[1:])
+        wanted = ["CUDAExecutionProvider"]
+        if tensorrt and tensorrt_libraries_present():
+            wanted.insert(0, "TensorrtExecutionProvider")
     return [p for p in (*wanted, "CPUExecutionProvider") if p in available]
 
 
@@ -112,6 +127,7 @@ class ModelBundle:
                 )
             self.paths[artifact.id] = path
         self.sessions: dict[str, ModelSession] = {}
+        self.provider: str | None = None
         if verify_only:
             return
         for artifact in self.manifest.artifacts:

@@ -115,6 +115,66 @@ def case_folders(root: Path) -> list[Path]:
     return cases
 
 
+def evaluate_case(analyzer: Any, case: Path, min_diameter_mm: float) -> dict[str, Any]:
+    """Run the analyzer's (first) bundle on one case; plain data for :func:`validate_bundle` to add up."""
+    from pipelines.volume import load_series
+
+    bundle = analyzer.bundle
+    truth = json.loads((case / "truth.json").read_text())
+    labels = np.load(case / "labels.npz")
+    try:
+        volume = load_series(sorted((case / "dicom").glob("*.dcm")))
+        start = time.perf_counter()
+        findings, site_results, _ = analyzer.findings(volume)
+        seconds = time.perf_counter() - start
+    except (SeriesRejected, PacsAiError) as exc:
+        return {"case": case.name, "failure": str(exc)}
+    organs = labels["organs"]
+    if organs.shape != volume.shape:
+        return {"case": case.name,
+                "failure": f"labels.npz organs {organs.shape} is not the series shape {volume.shape}"}
+    names = {_normalise(v): int(k) for k, v in truth.get("label_names", {}).items()}
+    masks = {f.label: f.mask for f in findings}
+    dice_scores = {}
+    for segment in bundle.manifest.segments:
+        value = names.get(_normalise(segment.label))
+        if value is not None:
+            score = dice(masks.get(segment.label, np.zeros(organs.shape, bool)), organs == value)
+            if not math.isnan(score):
+                dice_scores[segment.label] = score
+    sites: dict[str, Any] = {}
+    spec = bundle.manifest.lesions
+    if spec is not None:
+        lesion_map = labels["lesions"] if "lesions" in labels.files else np.zeros(organs.shape, np.uint8)
+        by_site = {r.site: r for r in site_results}
+        for site in spec.sites:
+            result = by_site[site.site]
+            truth_lesions = [t for t in truth.get("lesions", []) if t["site"] == site.site]
+            reported = [f for f in findings if f.extra.get("site") == site.site]
+            records = []
+            for t in truth_lesions:
+                hits = [f for f in reported if (f.mask & (lesion_map == t["number"])).any()]
+                typed = None
+                if hits and "type" in t and "type" in hits[0].extra:
+                    typed = hits[0].extra["type"] == t["type"]
+                records.append({"diameter_mm": float(t["diameter_mm"]), "hit": bool(hits), "typed": typed})
+            sites[site.site] = {"status": result.status, "score": float(result.score), "lesions": records}
+    return {"case": case.name, "seconds": seconds, "dice": dice_scores, "sites": sites}
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(folder: str, providers: list[str] | None) -> None:
+    from pipelines.analysis import SeriesAnalyzer
+
+    _WORKER["analyzer"] = SeriesAnalyzer(ModelBundle(folder, providers=providers, intra_op_threads=1))
+
+
+def _run_worker(args: tuple[str, float]) -> dict[str, Any]:
+    return evaluate_case(_WORKER["analyzer"], Path(args[0]), args[1])
+
+
 def validate_bundle(
     bundle: ModelBundle,
     labelled_dir: Path,
@@ -123,83 +183,79 @@ def validate_bundle(
     limit: int | None = None,
     progress: Any = None,
     keep_scores: bool = False,
+    workers: int = 1,
+    providers: list[str] | None = None,
 ) -> dict[str, Any]:
     """Run ``bundle`` on every case and return the metrics as a JSON-friendly dict.
 
-    ``keep_scores`` adds each site's case scores (``positive_scores``,
-    ``negative_scores``) to the report, e.g. to choose thresholds on tuning cases.
+    ``workers`` > 1 evaluates cases in that many processes, each loading the
+    bundle once (with ``providers``). ``keep_scores`` adds each site's case
+    scores (``positive_scores``, ``negative_scores``) to the report, e.g. to
+    choose thresholds on tuning cases.
     """
     from pipelines.analysis import SeriesAnalyzer
-    from pipelines.volume import load_series
 
-    analyzer = SeriesAnalyzer(bundle)
     cases = case_folders(Path(labelled_dir))[:limit]
+    if workers > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(
+            workers, initializer=_init_worker, initargs=(str(bundle.folder), providers)
+        ) as pool:
+            results = []
+            for result in pool.imap(_run_worker, [(str(c), min_diameter_mm) for c in cases]):
+                results.append(result)
+                if progress:
+                    progress(result["case"])
+    else:
+        analyzer = SeriesAnalyzer(bundle)
+        results = []
+        for case in cases:
+            results.append(evaluate_case(analyzer, case, min_diameter_mm))
+            if progress:
+                progress(case.name)
+    return aggregate(bundle, results, min_diameter_mm, keep_scores)
+
+
+def aggregate(bundle: ModelBundle, results: list[dict[str, Any]], min_diameter_mm: float,
+              keep_scores: bool = False) -> dict[str, Any]:
+    """Add up :func:`evaluate_case` results into the metrics report."""
     dice_scores: dict[str, list[float]] = {}
     sites: dict[str, SiteTally] = {}
     spec = bundle.manifest.lesions
     if spec is not None:
         sites = {s.site: SiteTally(by_size={_band(lo, hi): Proportion() for lo, hi in SIZE_BANDS}) for s in spec.sites}
-    failures: list[str] = []
-    seconds: list[float] = []
-    for case in cases:
-        truth = json.loads((case / "truth.json").read_text())
-        labels = np.load(case / "labels.npz")
-        try:
-            volume = load_series(sorted((case / "dicom").glob("*.dcm")))
-            start = time.perf_counter()
-            findings, site_results, _ = analyzer.findings(volume)
-            seconds.append(time.perf_counter() - start)
-        except (SeriesRejected, PacsAiError) as exc:
-            failures.append(f"{case.name}: {exc}")
-            continue
-        names = {_normalise(v): int(k) for k, v in truth.get("label_names", {}).items()}
-        organs = labels["organs"]
-        if organs.shape != volume.shape:
-            failures.append(f"{case.name}: labels.npz organs {organs.shape} is not the series shape {volume.shape}")
-            continue
-        masks = {f.label: f.mask for f in findings}
-        for segment in bundle.manifest.segments:
-            value = names.get(_normalise(segment.label))
-            if value is None:
-                continue
-            score = dice(masks.get(segment.label, np.zeros(organs.shape, bool)), organs == value)
-            if not math.isnan(score):
-                dice_scores.setdefault(segment.label, []).append(score)
-        if spec is None:
-            continue
-        lesion_map = labels["lesions"] if "lesions" in labels.files else np.zeros(organs.shape, np.uint8)
-        by_site = {r.site: r for r in site_results}
-        for site_name, tally in sites.items():
-            result = by_site[site_name]
-            truth_lesions = [t for t in truth.get("lesions", []) if t["site"] == site_name]
-            reported = [f for f in findings if f.extra.get("site") == site_name]
-            big = [t for t in truth_lesions if t["diameter_mm"] >= min_diameter_mm]
-            for t in truth_lesions:
-                hit_findings = [f for f in reported if (f.mask & (lesion_map == t["number"])).any()]
-                hit = bool(hit_findings)
+    failures = [f"{r['case']}: {r['failure']}" for r in results if "failure" in r]
+    done = [r for r in results if "failure" not in r]
+    seconds = [r["seconds"] for r in done]
+    for r in done:
+        for label, score in r["dice"].items():
+            dice_scores.setdefault(label, []).append(score)
+        for site_name, record in r["sites"].items():
+            tally = sites[site_name]
+            big = [t for t in record["lesions"] if t["diameter_mm"] >= min_diameter_mm]
+            for t in record["lesions"]:
                 band = next(_band(lo, hi) for lo, hi in SIZE_BANDS if lo <= t["diameter_mm"] < hi)
-                tally.by_size[band].successes += hit
+                tally.by_size[band].successes += t["hit"]
                 tally.by_size[band].total += 1
-                if t in big:
-                    tally.sensitivity.successes += hit
-                    tally.sensitivity.total += 1
-                    if hit and "type" in t and "type" in hit_findings[0].extra:
-                        tally.typing.total += 1
-                        tally.typing.successes += hit_findings[0].extra["type"] == t["type"]
-            if result.status == "not evaluable":
+            for t in big:
+                tally.sensitivity.successes += t["hit"]
+                tally.sensitivity.total += 1
+                if t["typed"] is not None:
+                    tally.typing.total += 1
+                    tally.typing.successes += t["typed"]
+            if record["status"] == "not evaluable":
                 tally.not_evaluable += 1
                 continue
             if big:
-                tally.positive_scores.append(result.score)
-            elif not truth_lesions:
-                tally.negative_scores.append(result.score)
+                tally.positive_scores.append(record["score"])
+            elif not record["lesions"]:
+                tally.negative_scores.append(record["score"])
                 tally.specificity.total += 1
-                tally.specificity.successes += result.status == "absent"
-        if progress:
-            progress(case.name)
+                tally.specificity.successes += record["status"] == "absent"
     report: dict[str, Any] = {
         "bundle": bundle.key,
-        "cases": len(cases),
+        "cases": len(results),
         "failed_cases": failures,
         "min_diameter_mm": min_diameter_mm,
         "seconds_per_case": {"median": float(np.median(seconds)) if seconds else math.nan,

@@ -208,8 +208,10 @@ class NodeProcess:
     http_port: int = field(default_factory=free_port)
 
     def start(self) -> None:
+        # Intake and delivery tests run the quick constructed bundle alone unless a test names others.
+        models = [] if "--models" in self.args else ["--models", "body-lungs"]
         cmd = [sys.executable, "-m", "node", "serve", "--data-dir", str(self.data_dir), "--port", str(self.port),
-               "--http-port", str(self.http_port), *self.args]
+               "--http-port", str(self.http_port), *models, *self.args]
         self.proc = subprocess.Popen(cmd, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, cwd=REPO)
 
         def ready() -> bool:

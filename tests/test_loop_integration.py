@@ -33,13 +33,17 @@ def _modality_series(orthanc, study_uid: str) -> dict[str, dict]:
     return out
 
 
+def _instances(orthanc, study_uid: str, modality: str) -> list[str]:
+    """Orthanc ids of the instances of one modality in a study."""
+    return json.loads(orthanc.request("POST", "/tools/find", json.dumps(
+        {"Level": "Instance", "Query": {"StudyInstanceUID": study_uid, "Modality": modality}}).encode()))
+
+
 def _download_instances(orthanc, study_uid: str, modality: str, folder: Path) -> list[Path]:
     """Fetch the PS3.10 files of one modality in a study through Orthanc's REST API."""
-    found = orthanc.request("POST", "/tools/find", json.dumps(
-        {"Level": "Instance", "Query": {"StudyInstanceUID": study_uid, "Modality": modality}}).encode())
     paths = []
     folder.mkdir(parents=True, exist_ok=True)
-    for orthanc_id in json.loads(found):
+    for orthanc_id in _instances(orthanc, study_uid, modality):
         path = folder / f"{modality}-{orthanc_id}.dcm"
         path.write_bytes(orthanc.request("GET", f"/instances/{orthanc_id}/file"))
         paths.append(path)
@@ -47,8 +51,9 @@ def _download_instances(orthanc, study_uid: str, modality: str, folder: Path) ->
 
 
 def test_ct_in_seg_and_sr_back_in_pacs(orthanc, start_node, tmp_path: Path, have_tools: None) -> None:
+    """Both bundled models (the default: every bundle) on the real abdomen CT, results checked in the PACS."""
     node = start_node("--send-to", f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}", "--quiet-seconds", "2",
-                      port=orthanc.node_port)
+                      "--models", "body-lungs,reference-cascade", port=orthanc.node_port)
     files = abdomen_files()
     study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
 
@@ -56,38 +61,48 @@ def test_ct_in_seg_and_sr_back_in_pacs(orthanc, start_node, tmp_path: Path, have
     sent = storescu(node.port, files)
     assert sent.returncode == 0, sent.stderr
 
-    # Within a minute of the last image, SEG and SR are in the PACS, in the same study, as new series.
-    series = wait_for(lambda: (s := _modality_series(orthanc, study_uid)) and {"SEG", "SR"} <= set(s) and s,
-                      60, interval=0.5, what="SEG and SR in Orthanc")
+    # Within a minute of the last image, a SEG and an SR per model are in the PACS, same study, new series.
+    def both_models() -> dict | None:
+        s = _modality_series(orthanc, study_uid)
+        return s if s and {"SEG", "SR"} <= set(s) and len(_instances(orthanc, study_uid, "SR")) == 2 else None
+
+    series = wait_for(both_models, 90, interval=0.5, what="SEG and SR of both models in Orthanc")
     assert "CT" not in series, "the node must not forward the CT itself"
-    seg_path, = _download_instances(orthanc, study_uid, "SEG", tmp_path / "from-pacs")
-    sr_path, = _download_instances(orthanc, study_uid, "SR", tmp_path / "from-pacs")
-    seg = pydicom.dcmread(seg_path)
-    sr = pydicom.dcmread(sr_path)
-    assert seg.SOPClassUID == SEG_CLASS and seg.SegmentationType == "BINARY"
-    assert sr.SOPClassUID == SR_CLASS
-    assert seg.StudyInstanceUID == sr.StudyInstanceUID == study_uid
-
-    # Valid DICOM according to dciodvfy.
-    for path in (seg_path, sr_path):
-        errors, warnings = dciodvfy(path)
-        assert errors == [], f"{path.name}: {errors}"
-        print(f"dciodvfy {path.name}: {len(warnings)} warnings {warnings}")
-
-    # dcmqi reads both; the SR's volumes match the SEG's voxels.
+    seg_paths = _download_instances(orthanc, study_uid, "SEG", tmp_path / "from-pacs")
+    sr_paths = _download_instances(orthanc, study_uid, "SR", tmp_path / "from-pacs")
+    assert len(seg_paths) == len(sr_paths) == 2
     volume = load_series(files)
-    masks = dcmqi_seg_masks(seg_path, tmp_path / "dcmqi-seg", volume)
-    report = tid1500_json(sr_path, tmp_path / "dcmqi-sr")
-    groups = report["Measurements"]
-    assert len(groups) == len(masks) == len(seg.SegmentSequence) >= 1
     voxel_mm3 = volume.voxel_volume_mm3
-    for group in groups:
-        number = int(group["ReferencedSegment"])
-        volume_item = next(m for m in group["measurementItems"] if m["quantity"]["CodeValue"] == "118565006")
-        mean_item = next(m for m in group["measurementItems"] if m["quantity"]["CodeValue"] == "112031")
-        mask = masks[number]
-        assert float(volume_item["value"]) == pytest.approx(mask.sum() * voxel_mm3, rel=1e-6)
-        assert float(mean_item["value"]) == pytest.approx(float(volume.hu[mask].mean()), abs=0.01)
+    models = set()
+    for seg_path in seg_paths:
+        seg = pydicom.dcmread(seg_path)
+        model = str(seg.SeriesDescription).split()[1]  # "AI <bundle id> SEG - <notice>"
+        models.add(model)
+        sr_path = next(p for p in sr_paths if str(pydicom.dcmread(p).SeriesDescription).split()[1] == model)
+        sr = pydicom.dcmread(sr_path)
+        assert seg.SOPClassUID == SEG_CLASS and seg.SegmentationType == "BINARY"
+        assert sr.SOPClassUID == SR_CLASS
+        assert seg.StudyInstanceUID == sr.StudyInstanceUID == study_uid
+
+        # Valid DICOM according to dciodvfy.
+        for path in (seg_path, sr_path):
+            errors, warnings = dciodvfy(path)
+            assert errors == [], f"{model} {path.name}: {errors}"
+            print(f"dciodvfy {model} {path.name}: {len(warnings)} warnings {warnings}")
+
+        # dcmqi reads both; the SR's volumes match the SEG's voxels.
+        masks = dcmqi_seg_masks(seg_path, tmp_path / f"dcmqi-seg-{model}", volume)
+        report = tid1500_json(sr_path, tmp_path / f"dcmqi-sr-{model}")
+        groups = report["Measurements"]
+        assert len(groups) == len(masks) == len(seg.SegmentSequence) >= 1
+        for group in groups:
+            number = int(group["ReferencedSegment"])
+            volume_item = next(m for m in group["measurementItems"] if m["quantity"]["CodeValue"] == "118565006")
+            mean_item = next(m for m in group["measurementItems"] if m["quantity"]["CodeValue"] == "112031")
+            mask = masks[number]
+            assert float(volume_item["value"]) == pytest.approx(mask.sum() * voxel_mm3, rel=1e-6)
+            assert float(mean_item["value"]) == pytest.approx(float(volume.hu[mask].mean()), abs=0.01)
+    assert models == {"body-lungs", "reference-cascade"}
 
     # The admin sees the outcome.
     listing = subprocess.run(

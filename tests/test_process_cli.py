@@ -13,22 +13,28 @@ from conftest import REPO, abdomen_files
 from validators import dciodvfy
 
 
-def _process(input_dir: Path, output: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "node", "process", str(input_dir), "--output", str(output)],
+def _process(input_dir: Path, output: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "node", "process", str(input_dir), "--output", str(output), *args],
                           capture_output=True, text=True, timeout=300, cwd=REPO)
 
 
 def test_process_writes_seg_and_sr(tmp_path: Path) -> None:
+    """By default every bundle in onnx_models/ runs: a SEG and an SR from each."""
     result = _process(abdomen_files()[0].parent, tmp_path / "out")
     assert result.returncode == 0, result.stderr
     assert "1 series processed, 0 not" in result.stdout
     written = sorted((tmp_path / "out").glob("*.dcm"))
-    assert [p.name.split("_")[0] for p in written] == ["SEG", "SR"]
+    bundles = len(list((REPO / "onnx_models").glob("*/manifest.json")))
+    assert bundles >= 2
+    assert [p.name.split("_")[0] for p in written] == ["SEG"] * bundles + ["SR"] * bundles
+    assert "reference-cascade: pancreas:" in result.stdout  # the per-site summary line
     for path in written:
         errors, _ = dciodvfy(path)
         assert errors == [], errors
     # Deterministic UIDs: a second run writes the same objects (same file names).
     again = _process(abdomen_files()[0].parent, tmp_path / "out2")
+    one = _process(abdomen_files()[0].parent, tmp_path / "out3", "--models", "body-lungs")
+    assert one.returncode == 0 and len(list((tmp_path / "out3").glob("*.dcm"))) == 2
     assert again.returncode == 0
     assert sorted(p.name for p in (tmp_path / "out2").glob("*.dcm")) == [p.name for p in written]
     assert "TotalSegmentator^ExampleCT" not in result.stderr + result.stdout

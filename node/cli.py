@@ -70,8 +70,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         LOG.info("received %s", signal.Signals(signum).name)
         node.request_stop()
 
+    def reload(_signum: int, _frame: object) -> None:
+        try:
+            new = _config_from_args(args)  # the file again, with the same command-line overrides
+        except ConfigError as exc:
+            LOG.error("configuration reload refused, nothing changed: %s", exc)
+            return
+        LOG.info("received SIGHUP: reloading %s", args.config or "the defaults")
+        node.request_reload(new)
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, reload)
     node.run()
     return 0
 

@@ -226,6 +226,14 @@ class NodeConfig:
     require_gpu: bool = False
     research_notice: str = "For research use only. Not for use in diagnostic procedures."
     log_level: str = "INFO"
+    log_format: str = "text"
+    log_patient_identity: bool = False
+    status_page: str = "auto"
+    metrics_endpoint: bool = True
+    audit_syslog: str = ""
+    audit_patient_identity: bool = False
+    retain_input_days: float = 30.0
+    retain_results_days: float = 30.0
 
     def __post_init__(self) -> None:
         validate_ae_title(self.ae_title, "ae_title")
@@ -262,6 +270,17 @@ class NodeConfig:
             raise ConfigError(f"max_associations: must be >= 1, got {self.max_associations}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"log_level: {self.log_level!r} is not DEBUG, INFO, WARNING or ERROR")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"log_format: {self.log_format!r} is not 'text' or 'json'")
+        if self.status_page not in ("auto", "on", "off"):
+            raise ConfigError(f"status_page: {self.status_page!r} is not 'auto', 'on' or 'off'")
+        if self.audit_syslog:
+            host, _, port = self.audit_syslog.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError(f"audit_syslog: {self.audit_syslog!r} is not HOST:PORT")
+        for name in ("retain_input_days", "retain_results_days"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0 (0 = keep forever), got {getattr(self, name)}")
 
     def server_ssl_context(self, client_certificates: bool = True) -> "ssl.SSLContext":
         """TLS for the node's own listeners (PS3.15 B.12: TLS 1.2 or newer).
@@ -283,6 +302,25 @@ class NodeConfig:
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"TLS certificate, key or CA file cannot be used: {exc}") from exc
         return context
+
+    @property
+    def status_page_enabled(self) -> bool:
+        """The status pages: on, off, or ("auto") only when HTTP listens on loopback alone."""
+        if self.status_page != "auto":
+            return self.status_page == "on"
+        import ipaddress
+
+        try:
+            return ipaddress.ip_address(self.http_bind_address).is_loopback
+        except ValueError:
+            return self.http_bind_address == "localhost"
+
+    @property
+    def audit_syslog_address(self) -> tuple[str, int] | None:
+        if not self.audit_syslog:
+            return None
+        host, _, port = self.audit_syslog.rpartition(":")
+        return host.strip("[]"), int(port)
 
     @property
     def spool_dir(self) -> Path:
@@ -327,6 +365,10 @@ _SECTIONS = {
              "send_dimse_timeout_s"},
     "models": {"models_dir", "enabled_models", "require_gpu"},
     "results": {"research_notice"},
+    "logging": {"log_format", "log_patient_identity"},
+    "status": {"status_page", "metrics_endpoint"},
+    "audit": {"audit_syslog", "audit_patient_identity"},
+    "retention": {"retain_input_days", "retain_results_days"},
 }
 
 

@@ -177,24 +177,31 @@ class Sender:
     STOW-RS request) per batch."""
 
     def __init__(self, config: NodeConfig, state: StateStore) -> None:
-        self.config = config
         self.state = state
-        self.destinations = {str(d): d for d in config.destinations}
-        self._ssl: dict[str, ssl.SSLContext] = {}
         self._workers: dict[str, threading.Thread] = {}
         self._lock = threading.Lock()
+        self.reconfigure(config)
+
+    def reconfigure(self, config: NodeConfig) -> None:
+        """Take new destinations and timings (config reload). Everything is checked before anything
+        changes; deliveries already running finish with the destination they started with."""
+        ssl_contexts: dict[str, ssl.SSLContext] = {}
         for i, destination in enumerate(config.destinations):
             key = f"send.destinations[{i}]"
             try:
                 destination.secret()  # an unset password_env / token_env stops the node now
                 if destination.tls or (destination.kind == DICOMWEB and destination.tls_cert_file):
-                    self._ssl[str(destination)] = client_ssl_context(destination)
+                    ssl_contexts[str(destination)] = client_ssl_context(destination)
             except ConfigError as exc:
                 raise ConfigError(f"{key}.{exc}") from None
             except (OSError, ssl.SSLError) as exc:
                 raise ConfigError(f"{key}: TLS files cannot be loaded: {exc}") from None
             if destination.kind == DICOMWEB and destination.url.startswith("http:") and destination.secret():
                 LOG.warning("%s: credentials sent over plain http to %s", key, destination.url)
+        with self._lock:
+            self.config = config
+            self.destinations = {str(d): d for d in config.destinations}
+            self._ssl = ssl_contexts
 
     # -- dispatch -------------------------------------------------------------
 

@@ -133,6 +133,50 @@ def adopt_unrecorded(spool: Spool, state: StateStore, quarantine: Path | None = 
     return adopted
 
 
+#: How often retention looks for expired data, in seconds.
+RETENTION_INTERVAL_S = 600.0
+DAY_S = 86400.0
+
+
+def apply_retention(config: NodeConfig, state: StateStore, now: float | None = None) -> tuple[int, int]:
+    """Delete received instances of series finished ``retain_input_days`` ago, and result files
+    delivered to every destination ``retain_results_days`` ago; returns (instances, results) deleted.
+
+    Results with any pending or dead delivery are never deleted. A setting of 0 keeps that data forever.
+    """
+    now = time.time() if now is None else now
+    instances = results = 0
+    if config.retain_input_days > 0:
+        for series_uid, paths in state.expired_inputs(now - config.retain_input_days * DAY_S):
+            for path in paths:
+                instances += _unlink(Path(path), stop_at=config.spool_dir)
+            state.mark_input_purged(series_uid, now)
+            LOG.info("retention: deleted %d received instances of series %s", len(paths), series_uid)
+    if config.retain_results_days > 0:
+        for path in state.delivered_results(now - config.retain_results_days * DAY_S):
+            results += _unlink(Path(path), stop_at=config.results_dir)
+            state.forget_delivered(path)
+    if results:
+        LOG.info("retention: deleted %d delivered result files", results)
+    return instances, results
+
+
+def _unlink(path: Path, stop_at: Path) -> int:
+    """Delete one file and the folders it leaves empty, up to ``stop_at``; 1 if the file existed."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return 0
+    parent = path.parent
+    while parent != stop_at and stop_at in parent.parents:
+        try:
+            parent.rmdir()
+        except OSError:  # not empty (or gone)
+            break
+        parent = parent.parent
+    return 1
+
+
 class Node:
     """One node process; :meth:`run` blocks until :meth:`request_stop`."""
 
@@ -162,10 +206,71 @@ class Node:
             credentials = (config.http_username, config.http_password) if config.http_username else None
             app = create_app(self.intake, max_request_bytes=config.stow_max_request_mb * 2**20,
                              credentials=credentials)
+            if config.status_page_enabled:
+                from node.web import describe_bundle, status_routes
+
+                app.router.routes.extend(status_routes(
+                    self.state, config,
+                    models=lambda: [describe_bundle(b) for b in self.analyzer.bundles],
+                    audit=self._admin_action,
+                ))
             self.http = HttpServer(app, config.http_bind_address, config.http_port,
                                    ssl_context=config.server_ssl_context(False) if config.http_tls else None)
         self.sender = Sender(config, self.state)
         self._threads: list[threading.Thread] = []
+        self._pending_reload: NodeConfig | None = None
+
+    #: Settings a running node takes on reload (SIGHUP); any other change needs a restart.
+    RELOADABLE = frozenset({
+        "allowed_calling_ae_titles", "max_associations", "min_free_disk_mb", "network_timeout_s",
+        "series_quiet_seconds", "complete_on_release", "rules_file", "destinations", "send_retry_initial_s",
+        "send_retry_max_s", "send_connect_timeout_s", "send_dimse_timeout_s", "research_notice", "log_level",
+        "retain_input_days", "retain_results_days",
+    })
+
+    def request_reload(self, config: NodeConfig) -> None:
+        """Ask the main loop to apply ``config`` (called from the SIGHUP handler)."""
+        self._pending_reload = config
+        self._wake_worker.set()
+
+    def reload(self, new: NodeConfig) -> tuple[list[str], list[str]]:
+        """Apply the reloadable settings of ``new`` without dropping associations in progress
+        (they finish with the settings they started with); returns (applied, needing a restart)."""
+        from dataclasses import fields, replace
+
+        changed = [f.name for f in fields(NodeConfig) if getattr(new, f.name) != getattr(self.config, f.name)]
+        applied = [name for name in changed if name in self.RELOADABLE]
+        restart = [name for name in changed if name not in self.RELOADABLE]
+        if not applied:
+            return applied, restart
+        config = replace(self.config, **{name: getattr(new, name) for name in applied})
+        rules = RuleSet.load(config.rules_file) if "rules_file" in applied else self.rules
+        self.sender.reconfigure(config)  # validates destinations first: a bad one changes nothing
+        self.rules = rules
+        self.config = config
+        self.intake.config = config
+        for listener in self.listeners:
+            listener.config = config  # new associations only
+        self.analyzer.labelling = replace(self.analyzer.labelling, research_notice=config.research_notice)
+        logging.getLogger().setLevel(config.log_level.upper())
+        return applied, restart
+
+    def _apply_pending_reload(self) -> None:
+        new, self._pending_reload = self._pending_reload, None
+        if new is None:
+            return
+        try:
+            applied, restart = self.reload(new)
+        except Exception as exc:  # a bad file must not stop a running node
+            LOG.error("configuration reload refused, nothing changed: %s", exc)
+            return
+        LOG.info("configuration reloaded: %s", ", ".join(applied) or "no change that can be applied live")
+        if restart:
+            LOG.warning("configuration reload: %s changed but only take effect after a restart",
+                        ", ".join(restart))
+
+    def _admin_action(self, what: str, detail: dict) -> None:
+        LOG.info("%s: %s", what, json.dumps(detail, default=str, sort_keys=True))
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -191,9 +296,15 @@ class Node:
             LOG.info("DICOMweb STOW-RS on %s://%s:%d/studies (and /dicom-web/studies)%s",
                      "https" if self.config.http_tls else "http", self.config.http_bind_address, self.http.port,
                      ", basic authentication" if self.config.http_username else "")
+            if self.config.status_page_enabled:
+                LOG.info("status pages on %s://%s:%d/status%s", "https" if self.config.http_tls else "http",
+                         self.config.http_bind_address, self.http.port,
+                         "" if self.config.http_username else " (read-only: set http_username/http_password "
+                         "to allow retry, purge and C-ECHO)")
         self._threads = [
             threading.Thread(target=self._work_loop, name="worker", daemon=True),
             threading.Thread(target=self._send_loop, name="sender", daemon=True),
+            threading.Thread(target=self._retention_loop, name="retention", daemon=True),
         ]
         for thread in self._threads:
             thread.start()
@@ -205,7 +316,7 @@ class Node:
         )
         try:
             while not self._stop.wait(POLL_SECONDS):
-                pass
+                self._apply_pending_reload()
         finally:
             self._shutdown()
 
@@ -303,6 +414,16 @@ class Node:
         )
         self._wake_sender.set()
         return final
+
+    # -- retention ------------------------------------------------------------
+
+    def _retention_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                apply_retention(self.config, self.state)
+            except Exception:  # retention must never stop the node; it tries again later
+                LOG.exception("retention pass failed")
+            self._stop.wait(RETENTION_INTERVAL_S)
 
     # -- sender ---------------------------------------------------------------
 

@@ -88,6 +88,7 @@ MIGRATIONS = [
     ("series", "results", "TEXT"),
     ("outbox", "queued_at", "REAL"),
     ("outbox", "dead_at", "REAL"),
+    ("series", "input_purged_at", "REAL"),
 ]
 
 #: Relative tolerance on slice spacing for a run of positions to count as gap-free.
@@ -135,6 +136,7 @@ class SeriesRow:
     version: int = 0
     completion: str | None = None
     results: str | None = None  # JSON: the last version's result objects (see Node.process_series)
+    input_purged_at: float | None = None  # when retention deleted the received instances
 
 
 @dataclass(frozen=True)
@@ -610,6 +612,38 @@ class StateStore:
             params.append(destination)
         with self._tx() as db:
             return db.execute(sql, params).rowcount
+
+    def expired_inputs(self, before: float) -> list[tuple[str, list[str]]]:
+        """Finished series (done, rejected, failed) last changed before ``before`` whose received
+        instances are still on disk: (series uid, instance paths)."""
+        db = self._connection()
+        rows = db.execute(
+            "SELECT series_uid FROM series WHERE state IN (?, ?, ?) AND updated_at < ? AND input_purged_at IS NULL",
+            (DONE, REJECTED, FAILED, before),
+        ).fetchall()
+        return [(r["series_uid"], self.series_instances(r["series_uid"])) for r in rows]
+
+    def mark_input_purged(self, series_uid: str, now: float | None = None) -> None:
+        """Forget a series' instances (their files are gone); the series row stays, with the date."""
+        with self._tx() as db:
+            db.execute("DELETE FROM instances WHERE series_uid = ?", (series_uid,))
+            db.execute("UPDATE series SET input_purged_at = ? WHERE series_uid = ?",
+                       (time.time() if now is None else now, series_uid))
+
+    def delivered_results(self, before: float) -> list[str]:
+        """Result files every destination received, the last of them before ``before``.
+
+        A file with any pending or dead row is never listed: results are kept until delivered."""
+        rows = self._connection().execute(
+            "SELECT path FROM outbox GROUP BY path HAVING SUM(state != ?) = 0 AND MAX(sent_at) < ?",
+            (SENT, before),
+        ).fetchall()
+        return [r["path"] for r in rows]
+
+    def forget_delivered(self, path: str) -> None:
+        """Drop the sent rows of a result file that retention deleted (the audit trail keeps the history)."""
+        with self._tx() as db:
+            db.execute("DELETE FROM outbox WHERE path = ? AND state = ?", (path, SENT))
 
     def counts(self) -> dict[str, int]:
         """Series by state and pending outbox items, for status output."""

@@ -26,16 +26,12 @@ from pipelines.errors import PacsAiError, SeriesRejected
 LOG = logging.getLogger("node")
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # pynetdicom logs dataset contents (patient names included) at DEBUG and
-    # every association at INFO; keep only its warnings.
-    for noisy in ("pynetdicom", "highdicom", "uvicorn", "uvicorn.error", "uvicorn.access"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+def setup_logging(level: str, json: bool = False) -> None:
+    """Plain lines or (``json``) one JSON object per line on stderr; pynetdicom, highdicom and
+    uvicorn are held at WARNING (pynetdicom logs datasets, patient names included, at DEBUG)."""
+    from node.logs import configure_logging
+
+    configure_logging(level, json=json)
 
 
 def _config_from_args(args: argparse.Namespace) -> NodeConfig:
@@ -61,7 +57,7 @@ def _model_names(text: str) -> tuple[str, ...]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, json=config.log_format == "json")
     from node.service import Node  # heavy imports (onnxruntime) only when serving
 
     node = Node(config)

@@ -12,11 +12,12 @@ import logging
 import os
 import shutil
 import struct
+import threading
 import uuid
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import TYPE_CHECKING, BinaryIO, Callable
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -28,6 +29,10 @@ from node.config import NodeConfig
 from node.spool import Spool, SpoolError, check_uid, fsync_dir
 from node.state import StateStore
 from pipelines.volume import CT_SOP_CLASSES
+
+if TYPE_CHECKING:
+    from node.audit import AuditTrail, TransferTally
+    from node.metrics import NodeMetrics
 
 LOG = logging.getLogger(__name__)
 
@@ -190,6 +195,10 @@ class Intake:
         self.spool = spool
         self.state = state
         self.on_queued = on_queued  # wakes the worker when a series is complete early
+        self.metrics: "NodeMetrics | None" = None  # set by the service
+        self.audit: "AuditTrail | None" = None
+        self._tallies: dict[str, "TransferTally"] = {}
+        self._tallies_lock = threading.Lock()
 
     def begin(
         self,
@@ -220,6 +229,14 @@ class Intake:
         if self.on_queued is not None and header.images_in_acquisition is not None:
             self.on_queued()  # the expected count may have completed the series
         LOG.debug("stored %s (%d bytes%s)", header.sop_instance_uid, size, "" if new else ", duplicate")
+        if self.metrics is not None:
+            self.metrics.instance_received("stowrs" if (association or "").startswith("stow-") else "dicom")
+        if self.audit is not None and association is not None:
+            from node.audit import TransferTally
+
+            with self._tallies_lock:
+                tally = self._tallies.setdefault(association, TransferTally())
+            tally.stored(header.study_uid, header.sop_class_uid, duplicate=not new)
         return IntakeResult(SUCCESS, None, header.sop_class_uid, header.sop_instance_uid, header.series_uid,
                             duplicate=not new)
 
@@ -236,8 +253,17 @@ class Intake:
             self.on_queued()
         return queued
 
+    def transfer_finished(self, association: str, *, calling_ae: str, peer_ip: str | None, via: str) -> None:
+        """An association or STOW-RS request is over: one audit event per study it stored into."""
+        with self._tallies_lock:
+            tally = self._tallies.pop(association, None)
+        if tally is not None and self.audit is not None:
+            tally.report_received(self.audit, calling_ae=calling_ae, peer_ip=peer_ip, via=via)
+
     def refuse(self, status: int, reason: str, source: str, **uids: str | None) -> IntakeResult:
         LOG.warning("instance refused (0x%04X) from %s: %s", status, source, reason)
+        if self.metrics is not None:
+            self.metrics.instance_refused(status)
         return IntakeResult(status, reason, **uids)
 
     def disk_full_reason(self) -> str | None:

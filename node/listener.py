@@ -290,6 +290,11 @@ class Association(threading.Thread):
                     self.server.intake.association_ended(self.id, released)
                 except Exception:  # the quiet timer remains the fallback
                     LOG.exception("could not evaluate the series of association %s", self.id)
+                try:
+                    self.server.intake.transfer_finished(self.id, calling_ae=self.calling_ae,
+                                                         peer_ip=self.address[0], via="DICOM")
+                except Exception:  # the audit trail logs its own write errors; never break the listener
+                    LOG.exception("could not audit association %s", self.id)
             self.server.forget(self)
 
     def _reject(self, verdict: tuple[int, int, int], rq: A_ASSOCIATE, why: str) -> None:
@@ -303,6 +308,11 @@ class Association(threading.Thread):
             "association from %s (calling AE %s, called AE %s) rejected: %s",
             self.address[0], rq.calling_ae_title, rq.called_ae_title, why,
         )
+        intake = self.server.intake
+        if intake.metrics is not None:
+            intake.metrics.association("rejected")
+        if intake.audit is not None and verdict != RJ_LOCAL_LIMIT:  # busy is not a security event
+            intake.audit.association_rejected(str(rq.calling_ae_title).strip(), self.address[0], why)
 
     def _negotiate(self) -> bool:
         pdu_type, data = self._read_pdu()
@@ -356,6 +366,8 @@ class Association(threading.Thread):
         out.from_primitive(ac)
         self.sock.sendall(out.encode())
         self.established = True
+        if self.server.intake.metrics is not None:
+            self.server.intake.metrics.association("accepted")
         self._prepare_spare()
         LOG.debug("association %s from %s accepted with %d contexts", self.id, self.calling_ae, len(self.contexts))
         return True

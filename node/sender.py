@@ -35,6 +35,7 @@ import uuid
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom.uid import UID, ImplicitVRLittleEndian
@@ -176,8 +177,11 @@ class Sender:
     """Delivers due outbox items: one thread per destination, one association (or
     STOW-RS request) per batch."""
 
-    def __init__(self, config: NodeConfig, state: StateStore) -> None:
+    def __init__(self, config: NodeConfig, state: StateStore, *, metrics: Any = None, audit: Any = None) -> None:
         self.state = state
+        self.metrics = metrics  # node.metrics.NodeMetrics, or None
+        self.audit = audit  # node.audit.AuditTrail, or None
+        self._batch = threading.local()  # the audit tally of the batch this thread sends
         self._workers: dict[str, threading.Thread] = {}
         self._lock = threading.Lock()
         self.reconfigure(config)
@@ -258,10 +262,12 @@ class Sender:
                 if not items:
                     return delivered
                 tried.update(i.id for i in items)
+                self._batch.tally = self._new_tally()
                 if session is not None:
                     count, reachable = self._send_stow(destination, items, session, now)
                 else:
                     count, reachable = self._send_dicom(destination, items, now)
+                self._report_batch(destination)
                 delivered += count
                 if not reachable:
                     return delivered
@@ -290,8 +296,36 @@ class Sender:
         delay = retry_delay(attempts, self.config.send_retry_initial_s, self.config.send_retry_max_s)
         return now + max(delay, failure.retry_after)
 
+    def _new_tally(self) -> Any:
+        if self.audit is None:
+            return None
+        from node.audit import TransferTally
+
+        return TransferTally()
+
+    def _study_of(self, series_uid: str) -> str | None:
+        row = self.state.get_series(series_uid)
+        return row.study_uid if row else None
+
+    def _report_batch(self, destination: Destination) -> None:
+        tally, self._batch.tally = getattr(self._batch, "tally", None), None
+        if tally is None or not tally.studies:
+            return
+        address = destination.url if destination.kind == DICOMWEB else f"{destination.ae_title}"
+        peer = destination.url if destination.kind == DICOMWEB else f"{destination.host}:{destination.port}"
+        try:
+            tally.report_sent(self.audit, destination_name=str(destination), destination_ae_or_url=address,
+                              peer=peer)
+        except Exception:  # the audit trail logs its own write errors; delivery goes on
+            LOG.exception("could not audit the batch sent to %s", destination)
+
     def _sent(self, destination: Destination, item: OutboxRow, status: str, warning: bool) -> None:
         self.state.mark_sent(item.id, status)
+        if self.metrics is not None:
+            self.metrics.send_attempt(str(destination), "warning" if warning else "ok")
+        tally = getattr(self._batch, "tally", None)
+        if tally is not None:
+            tally.stored(self._study_of(item.series_uid) or "unknown", item.sop_class_uid)
         LOG.log(logging.WARNING if warning else logging.INFO, "sent %s to %s (%s)", item.sop_instance_uid,
                 destination, status)
 
@@ -299,6 +333,11 @@ class Sender:
         now = time.time()
         retry_at = self._retry_at(destination, item, failure, now)
         self.state.mark_failed([(item.id, failure.status, failure.error, retry_at)])
+        if self.metrics is not None:
+            self.metrics.send_attempt(str(destination), "failed", dead=retry_at is None)
+        tally = getattr(self._batch, "tally", None)
+        if tally is not None:
+            tally.refused(self._study_of(item.series_uid), failure.status or "no status")
         self._log_failure(str(destination), item, failure, retry_at, now)
 
     def _fail_all(self, name: str, destination: Destination | None, failure: Failure, now: float | None) -> None:
@@ -309,6 +348,11 @@ class Sender:
                    for i in items]
         self.state.mark_failed(updates)
         dead = [(i, u[3]) for i, u in zip(items, updates) if u[3] is None]
+        if self.metrics is not None and items:
+            if dead:
+                self.metrics.send_attempt(name, "failed", dead=True, count=len(dead))
+            if len(items) > len(dead):
+                self.metrics.send_attempt(name, "failed", count=len(items) - len(dead))
         for item, _ in dead:
             self._log_failure(name, item, failure, None, moment)
         waiting = [u[3] for u in updates if u[3] is not None]

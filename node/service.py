@@ -196,7 +196,14 @@ class Node:
         self._stop = threading.Event()
         self._wake_worker = threading.Event()
         self._wake_sender = threading.Event()
+        from node.audit import AuditTrail
+        from node.metrics import NodeMetrics, store_counts
+
+        self.metrics = NodeMetrics(config.data_dir, store_counts(self.state), version=software_version())
+        self.audit = AuditTrail(config.data_dir, config.ae_title, syslog=config.audit_syslog_address,
+                                include_patient_identity=config.audit_patient_identity)
         self.intake = Intake(config, self.spool, self.state, on_queued=self._wake_worker.set)
+        self.intake.metrics, self.intake.audit = self.metrics, self.audit
         self.listeners = [DicomServer(config, self.intake)]
         if config.tls_port:
             self.listeners.append(DicomServer(config, self.intake, ssl_context=config.server_ssl_context(),
@@ -206,6 +213,10 @@ class Node:
             credentials = (config.http_username, config.http_password) if config.http_username else None
             app = create_app(self.intake, max_request_bytes=config.stow_max_request_mb * 2**20,
                              credentials=credentials)
+            if config.metrics_endpoint:
+                from node.metrics import metrics_route
+
+                app.router.routes.append(metrics_route(self.metrics))
             if config.status_page_enabled:
                 from node.web import describe_bundle, status_routes
 
@@ -216,7 +227,7 @@ class Node:
                 ))
             self.http = HttpServer(app, config.http_bind_address, config.http_port,
                                    ssl_context=config.server_ssl_context(False) if config.http_tls else None)
-        self.sender = Sender(config, self.state)
+        self.sender = Sender(config, self.state, metrics=self.metrics, audit=self.audit)
         self._threads: list[threading.Thread] = []
         self._pending_reload: NodeConfig | None = None
 
@@ -265,12 +276,15 @@ class Node:
             LOG.error("configuration reload refused, nothing changed: %s", exc)
             return
         LOG.info("configuration reloaded: %s", ", ".join(applied) or "no change that can be applied live")
+        self.audit.admin_action("SIGHUP", None, "configuration reload", {"applied": applied, "restart_needed": restart},
+                                security=bool({"allowed_calling_ae_titles", "destinations"} & set(applied)))
         if restart:
             LOG.warning("configuration reload: %s changed but only take effect after a restart",
                         ", ".join(restart))
 
     def _admin_action(self, what: str, detail: dict) -> None:
         LOG.info("%s: %s", what, json.dumps(detail, default=str, sort_keys=True))
+        self.audit.record_admin(what, detail)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -308,6 +322,7 @@ class Node:
         ]
         for thread in self._threads:
             thread.start()
+        self.audit.application_activity(True)
         LOG.info(
             "node ready: models %s, quiet period %.1f s, destinations: %s",
             ", ".join(f"{b.key} on {b.provider}" for b in self.analyzer.bundles),
@@ -335,6 +350,8 @@ class Node:
                             thread.name)
         if not self.sender.wait_idle(timeout=30):
             LOG.warning("a delivery is still running at shutdown; its items are sent again at the next start")
+        self.audit.application_activity(False)
+        self.audit.close()
         LOG.info("stopped")
 
     # -- worker ---------------------------------------------------------------
@@ -370,9 +387,11 @@ class Node:
         started = time.perf_counter()
         row = self.state.get_series(series_uid)
         version = (row.version if row else 0) + 1
+        rule_ids: list[str] = []
         try:
             decision = screen_series([Path(p) for p in paths], self.rules)
             if not decision.eligible:
+                rule_ids = [f.rule_id for f in decision.failures]
                 raise SeriesRejected("; ".join(decision.reasons))
             volume = load_series(paths)
             previous = previous_reports(row.results if row else None)
@@ -380,16 +399,20 @@ class Node:
             written = write_results(result, self.config.results_dir)
         except SeriesRejected as exc:
             final = self.state.finish_series(series_uid, REJECTED, exc.reason, claimed_at)
-            LOG.info("series %s rejected: %s", series_uid, exc.reason)
+            LOG.info("series %s%s rejected: %s", series_uid, self._patient(paths), exc.reason)
+            self._count_finished(final, exc.reason, rule_ids or ["geometry"])
             return final
         except PacsAiError as exc:
             final = self.state.finish_series(series_uid, FAILED, str(exc), claimed_at)
-            LOG.error("series %s failed: %s", series_uid, exc)
+            LOG.error("series %s%s failed: %s", series_uid, self._patient(paths), exc)
+            self._count_finished(final)
             return final
         except Exception as exc:  # a bug must fail one series, not the node
             LOG.exception("series %s failed with an internal error", series_uid)
-            return self.state.finish_series(series_uid, FAILED, f"internal error: {type(exc).__name__}: {exc}",
-                                            claimed_at)
+            final = self.state.finish_series(series_uid, FAILED, f"internal error: {type(exc).__name__}: {exc}",
+                                             claimed_at)
+            self._count_finished(final)
+            return final
         destinations = [str(d) for d in self.config.destinations]
         self.state.record_results(
             series_uid,
@@ -403,6 +426,8 @@ class Node:
         if version > 1:
             summary = f"version {version} (supersedes {version - 1}): {summary}"
         final = self.state.finish_series(series_uid, DONE, summary, claimed_at)
+        self._count_finished(final)
+        self.metrics.stage_timings(result.timings)
         LOG.info(
             "series %s processed in %.2f s (%s): %s; %d objects queued for %d destinations",
             series_uid,
@@ -414,6 +439,25 @@ class Node:
         )
         self._wake_sender.set()
         return final
+
+    def _patient(self, paths: list[str]) -> str:
+        """`` (patient NAME (ID))`` for a log line when the site enabled log_patient_identity, else ""."""
+        if not self.config.log_patient_identity or not paths:
+            return ""
+        import pydicom
+
+        from node.logs import patient_text
+
+        try:
+            ds = pydicom.dcmread(paths[0], stop_before_pixels=True, specific_tags=["PatientName", "PatientID"])
+        except (OSError, ValueError):
+            return ""
+        text = patient_text(ds, True)
+        return f" ({text})" if text else ""
+
+    def _count_finished(self, final: str, reason: str | None = None, rules: list[str] | None = None) -> None:
+        if final in (DONE, REJECTED, FAILED):  # not when new instances sent the series back to receiving
+            self.metrics.series_finished(final, reason, rules=rules)
 
     # -- retention ------------------------------------------------------------
 

@@ -373,6 +373,11 @@ class StowService:
                                         "STOW-RS request completed")
             except Exception:  # the instances are stored; the quiet timer completes their series
                 LOG.exception("could not evaluate the series of STOW-RS request %s", stow.request_id)
+        try:
+            await run_in_threadpool(self.intake.transfer_finished, stow.request_id, calling_ae=stow.source,
+                                    peer_ip=stow.client, via="STOW-RS")
+        except Exception:  # the audit trail logs its own write errors; the response must still go out
+            LOG.exception("could not audit STOW-RS request %s", stow.request_id)
         status = response_status(stow.outcomes)
         failed = [o for o in stow.outcomes if not o.ok]
         reasons = "; ".join(sorted({f"0x{o.status:04X} {o.reason}" for o in failed}))

@@ -394,8 +394,10 @@ class Node:
                 rule_ids = [f.rule_id for f in decision.failures]
                 raise SeriesRejected("; ".join(decision.reasons))
             volume = load_series(paths)
+            loaded = time.perf_counter()
             previous = previous_reports(row.results if row else None)
             result = self.analyzer.analyse(volume, version=version, previous_reports=previous)
+            analysed = time.perf_counter()
             written = write_results(result, self.config.results_dir)
         except SeriesRejected as exc:
             final = self.state.finish_series(series_uid, REJECTED, exc.reason, claimed_at)
@@ -425,7 +427,10 @@ class Node:
         summary = "; ".join(result.summary)
         if version > 1:
             summary = f"version {version} (supersedes {version - 1}): {summary}"
-        final = self.state.finish_series(series_uid, DONE, summary, claimed_at)
+        stages = {"screen and load": round(loaded - started, 3),
+                  **{k: round(v, 3) for k, v in result.timings.items()},
+                  "write results": round(time.perf_counter() - analysed, 3)}
+        final = self.state.finish_series(series_uid, DONE, summary, claimed_at, timings=json.dumps(stages))
         self._count_finished(final)
         self.metrics.stage_timings(result.timings)
         LOG.info(

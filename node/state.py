@@ -89,6 +89,7 @@ MIGRATIONS = [
     ("outbox", "queued_at", "REAL"),
     ("outbox", "dead_at", "REAL"),
     ("series", "input_purged_at", "REAL"),
+    ("series", "timings", "TEXT"),
 ]
 
 #: Relative tolerance on slice spacing for a run of positions to count as gap-free.
@@ -137,6 +138,7 @@ class SeriesRow:
     completion: str | None = None
     results: str | None = None  # JSON: the last version's result objects (see Node.process_series)
     input_purged_at: float | None = None  # when retention deleted the received instances
+    timings: str | None = None  # JSON: seconds per processing stage of the last run
 
 
 @dataclass(frozen=True)
@@ -386,6 +388,7 @@ class StateStore:
         *,
         version: int | None = None,
         results: str | None = None,
+        timings: str | None = None,
     ) -> str:
         """Set the outcome of processing, unless new instances arrived meanwhile.
 
@@ -406,10 +409,10 @@ class StateStore:
             if row["last_received"] > claimed_at:
                 state, reason = RECEIVING, None
             db.execute(
-                "UPDATE series SET state = ?, reason = ?, updated_at = ?, version = ?, results = ? "
+                "UPDATE series SET state = ?, reason = ?, updated_at = ?, version = ?, results = ?, timings = ? "
                 "WHERE series_uid = ?",
                 (state, reason, now, row["version"] if version is None else version,
-                 row["results"] if results is None else results, series_uid),
+                 row["results"] if results is None else results, timings, series_uid),
             )
         return state
 

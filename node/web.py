@@ -215,6 +215,15 @@ def uid_breaks(uid: str) -> Markup:
     return Markup(escape(uid).replace(".", Markup(".<wbr>")))
 
 
+def _timings(row: SeriesRow) -> dict[str, float]:
+    """Seconds per stage of the series' last run (stored by the worker), or {}."""
+    try:
+        data = json.loads(row.timings) if row.timings else {}
+    except ValueError:
+        return {}
+    return {str(k): float(v) for k, v in data.items() if isinstance(v, (int, float))} if isinstance(data, dict) else {}
+
+
 def series_decision(row: SeriesRow) -> tuple[str, str]:
     """(decision label, text) for a series: the eligibility outcome and its reason or result summary.
 
@@ -482,7 +491,7 @@ class StatusPages:
             request, "series.html",
             title=f"Series {uid}",
             row=row, decision=decision, decision_text=text,
-            results=result_files(row), items=items,
+            results=result_files(row), items=items, timings=_timings(row),
             outbox_partial=len(scanned) == SERIES_OUTBOX_SCAN,
             scan_limit=SERIES_OUTBOX_SCAN,
             when=outbox_when,

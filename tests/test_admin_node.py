@@ -57,6 +57,9 @@ def test_metrics_audit_and_json_logs_of_a_processed_series(start_node, tmp_path:
     # Status page (on: HTTP is on loopback) shows the series; logs are JSON lines without patient identity.
     page = requests.get(f"http://127.0.0.1:{node.http_port}/status", timeout=10).text
     assert "Body" in page and "done" in page
+    series_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    detail = requests.get(f"http://127.0.0.1:{node.http_port}/status/series/{series_uid}", timeout=10).text
+    assert "Timings of the last run" in detail and "model body-lungs/body-lungs" in detail
     node.stop()
     lines = [json.loads(line) for line in node.output().splitlines() if line.startswith("{")]
     assert any("processed" in line["message"] for line in lines)

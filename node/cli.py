@@ -243,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     from node import cli_models
 
     cli_models.add_parser(sub)
+    from node import cli_admin
+
+    cli_admin.add_parser(sub)
     return parser
 
 

@@ -184,6 +184,7 @@ class BundleResult:
     sites: list[SiteResult] = field(default_factory=list)
     measurements: dict[str, Any] = field(default_factory=dict)
     stages: dict[str, str] = field(default_factory=dict)
+    key_images: list[Dataset] = field(default_factory=list)
 
     def summary(self) -> list[str]:
         lines = [site.line() for site in self.sites]
@@ -227,7 +228,7 @@ class SeriesResult:
 
     @property
     def objects(self) -> list[Dataset]:
-        return [ds for b in self.bundles for ds in (b.segmentation, b.report)]
+        return [ds for b in self.bundles for ds in (b.segmentation, b.report, *b.key_images)]
 
     @property
     def findings(self) -> list[SegmentFinding]:
@@ -566,9 +567,10 @@ class SeriesAnalyzer:
             mine = [ds for ds in previous_reports if _made_by(ds, bundle)]
             seg, sr = self.encode(volume, findings, bundle=bundle, index=index, version=version,
                                   previous_reports=mine)
+            key_images = self.key_images(volume, findings, bundle=bundle, index=index, version=version)
             timings[f"encode {bundle.manifest.id}"] = time.perf_counter() - t0
             results.append(BundleResult(bundle.key, bundle.manifest.id, findings, seg, sr, sites, measurements,
-                                        {k: v.skipped or "ran" for k, v in run.outputs.items()}))
+                                        {k: v.skipped or "ran" for k, v in run.outputs.items()}, key_images))
         if not results:
             raise ResultEncodingError(
                 f"no model found anything to segment in this series ({', '.join(b.key for b in self.bundles)})")
@@ -614,6 +616,27 @@ class SeriesAnalyzer:
             previous_versions=previous_reports,
         )
         return seg, sr
+
+
+    def key_images(self, volume: CTVolume, findings: list[SegmentFinding], *, bundle: ModelBundle,
+                   index: int = 0, version: int = 1) -> list[Dataset]:
+        """Secondary Capture key images, one per lesion (contour and label burned in), for viewers
+        that show neither SEG nor SR; none when the bundle reports no lesion."""
+        from pipelines.keyimages import build_key_images
+
+        if not any(f.extra.get("role") == "lesion" for f in findings):
+            return []
+        parts = (volume.series_instance_uid, bundle.key) + ((f"v{version}",) if version > 1 else ())
+        suffix = f" v{version}" if version > 1 else ""
+        return build_key_images(
+            volume, findings, bundle.algorithm_identity(self.labelling.software_version),
+            series_instance_uid=derive_uid(*parts, "KI", "series"),
+            series_number=self.labelling.sr_series_number + 1 + 10 * index,
+            series_description=_description(f"AI {bundle.manifest.id} key images{suffix}",
+                                             self.labelling.research_notice),
+            research_notice=self.labelling.research_notice,
+            uid_prefix_parts=parts,
+        )
 
 
 #: SEG category of lesions (SCT 49755003, PS3.16 CID 7150).

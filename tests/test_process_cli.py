@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -26,7 +27,10 @@ def test_process_writes_seg_and_sr(tmp_path: Path) -> None:
     written = sorted((tmp_path / "out").glob("*.dcm"))
     bundles = len(list((REPO / "onnx_models").glob("*/manifest.json")))
     assert bundles >= 2
-    assert [p.name.split("_")[0] for p in written] == ["SEG"] * bundles + ["SR"] * bundles
+    kinds = [p.name.split("_")[0] for p in written]
+    assert kinds.count("SEG") == kinds.count("SR") == bundles
+    # Key images (Secondary Capture), one per lesion a bundle reports: the per-site lines say how many.
+    assert kinds.count("SC") == len(re.findall(r"\b\w+ lesion \d+ \d+ mm", result.stdout))
     assert "reference-cascade: pancreas:" in result.stdout  # the per-site summary line
     for path in written:
         errors, _ = dciodvfy(path)

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import ssl
+
+    from pipelines.risk import RiskPolicy
 from urllib.parse import urlsplit
 
 from pipelines.errors import PacsAiError
@@ -225,6 +227,8 @@ class NodeConfig:
     enabled_models: tuple[str, ...] = ()
     require_gpu: bool = False
     research_notice: str = "For research use only. Not for use in diagnostic procedures."
+    #: ``[results.risk]`` table (site -> [t1, t2, t3] score cut points, ``refer`` = tiers to refer).
+    risk: "RiskPolicy" = field(default_factory=lambda: _default_risk())
     log_level: str = "INFO"
     log_format: str = "text"
     log_patient_identity: bool = False
@@ -364,7 +368,7 @@ _SECTIONS = {
     "send": {"destinations", "send_retry_initial_s", "send_retry_max_s", "send_connect_timeout_s",
              "send_dimse_timeout_s"},
     "models": {"models_dir", "enabled_models", "require_gpu"},
-    "results": {"research_notice"},
+    "results": {"research_notice", "risk"},
     "logging": {"log_format", "log_patient_identity"},
     "status": {"status_page", "metrics_endpoint"},
     "audit": {"audit_syslog", "audit_patient_identity"},
@@ -379,6 +383,12 @@ _DESTINATION_TYPES: dict[str, tuple[type, ...] | str] = {
     "password": (str,), "password_env": (str,), "bearer_token": (str,), "token_env": (str,), "confirm": (bool,),
     "max_attempts": (int,), "max_age_s": (int, float),
 }
+
+
+def _default_risk() -> "RiskPolicy":
+    from pipelines.risk import RiskPolicy
+
+    return RiskPolicy()
 
 
 def _destination(item: Any, key: str, base: Path) -> Destination:
@@ -438,6 +448,15 @@ def _coerce(key: str, value: Any, base: Path) -> Any:
             raise ConfigError(f"{key}: expected a path string, got {value!r}")
         path = Path(value).expanduser()
         return path if path.is_absolute() else (base / path)
+    if key == "risk":
+        from pipelines.risk import RiskPolicy, RiskPolicyError
+
+        if not isinstance(value, dict):
+            raise ConfigError(f"results.risk: expected a table, got {value!r}")
+        try:
+            return RiskPolicy.from_mapping(value)
+        except RiskPolicyError as exc:
+            raise ConfigError(f"results.risk: {exc}") from None
     if key == "enabled_models":
         if not isinstance(value, list) or not all(isinstance(v, str) and v and "/" not in v for v in value):
             raise ConfigError(f"{key}: expected a list of bundle folder names, got {value!r}")

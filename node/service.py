@@ -55,7 +55,8 @@ def build_analyzer(config: NodeConfig) -> SeriesAnalyzer:
         ModelBundle(folder, require_gpu=config.require_gpu, tensorrt_cache_dir=config.data_dir / "tensorrt-cache")
         for folder in config.model_dirs
     ]
-    labelling = ResultLabelling(research_notice=config.research_notice, software_version=software_version())
+    labelling = ResultLabelling(research_notice=config.research_notice, software_version=software_version(),
+                                risk=config.risk)
     return SeriesAnalyzer(bundles, labelling)
 
 
@@ -236,7 +237,7 @@ class Node:
         "allowed_calling_ae_titles", "max_associations", "min_free_disk_mb", "network_timeout_s",
         "series_quiet_seconds", "complete_on_release", "rules_file", "destinations", "send_retry_initial_s",
         "send_retry_max_s", "send_connect_timeout_s", "send_dimse_timeout_s", "research_notice", "log_level",
-        "retain_input_days", "retain_results_days",
+        "retain_input_days", "retain_results_days", "risk",
     })
 
     def request_reload(self, config: NodeConfig) -> None:
@@ -262,7 +263,8 @@ class Node:
         self.intake.config = config
         for listener in self.listeners:
             listener.config = config  # new associations only
-        self.analyzer.labelling = replace(self.analyzer.labelling, research_notice=config.research_notice)
+        self.analyzer.labelling = replace(self.analyzer.labelling, research_notice=config.research_notice,
+                                          risk=config.risk)
         logging.getLogger().setLevel(config.log_level.upper())
         return applied, restart
 

@@ -30,6 +30,7 @@ from pipelines.measurements import (
 )
 from pipelines.model import ModelBundle
 from pipelines.report import build_measurement_report
+from pipelines.risk import RiskPolicy, summary_lines
 from pipelines.segmentation import build_segmentation
 from pipelines.uids import derive_uid, result_uids
 from pipelines.volume import PLANE_MIN_COSINE, CTVolume, plane_of
@@ -52,6 +53,8 @@ class ResultLabelling:
     seg_series_number: int = 9901
     sr_series_number: int = 9902
     software_version: str = "0"
+    #: Risk tiers and referral from site scores (None: the built-in default policy).
+    risk: "RiskPolicy | None" = None
 
 
 def check_eligibility(volume: CTVolume) -> None:
@@ -185,38 +188,15 @@ class BundleResult:
     measurements: dict[str, Any] = field(default_factory=dict)
     stages: dict[str, str] = field(default_factory=dict)
     key_images: list[Dataset] = field(default_factory=list)
+    risk: "RiskPolicy | None" = None
 
     def summary(self) -> list[str]:
-        lines = [site.line() for site in self.sites]
-        lines.extend(_measurement_lines(self.measurements))
+        """The study-summary lines: one per screened site with its score and risk tier (and the
+        referral flag), then bone density, steatosis and lung nodules; organ volumes otherwise."""
+        lines = summary_lines(self.sites, self.measurements, self.risk) if (self.sites or self.measurements) else []
         if not lines:
             lines = [f"{f.label} {f.volume_mm3 / 1000:.1f} cm3, mean {f.mean_hu:.0f} HU" for f in self.findings]
         return [f"{self.bundle_id}: {line}" for line in lines]
-
-
-def _measurement_lines(measurements: dict[str, Any]) -> list[str]:
-    lines = []
-    bone = measurements.get("bone_density")
-    if bone is not None:
-        if bone.get("evaluable"):
-            lines.append(f"bone density: {bone['category']} ({bone['level']} trabecular mean {bone['mean_hu']:.0f} HU)")
-        else:
-            lines.append(f"bone density: not evaluable ({bone.get('level_reason', '')})")
-    fat = measurements.get("steatosis")
-    if fat is not None:
-        if fat.get("evaluable"):
-            lines.append(f"liver fat: {fat['grade']} (liver mean {fat['liver_mean_hu']:.0f} HU)")
-        else:
-            lines.append(f"liver fat: not evaluable ({fat.get('reason', '')})")
-    nodules = measurements.get("lung_nodules")
-    if nodules is not None:
-        if nodules:
-            worst = max(nodules, key=lambda n: n["mean_diameter_mm"])
-            lines.append(f"lung nodules: {len(nodules)}, largest {worst['mean_diameter_mm']:.1f} mm "
-                         f"(Lung-RADS {worst['lung_rads']})")
-        else:
-            lines.append("lung nodules: none found")
-    return lines
 
 
 @dataclass
@@ -566,11 +546,12 @@ class SeriesAnalyzer:
             t0 = time.perf_counter()
             mine = [ds for ds in previous_reports if _made_by(ds, bundle)]
             seg, sr = self.encode(volume, findings, bundle=bundle, index=index, version=version,
-                                  previous_reports=mine)
+                                  previous_reports=mine, sites=sites, measurements=measurements)
             key_images = self.key_images(volume, findings, bundle=bundle, index=index, version=version)
             timings[f"encode {bundle.manifest.id}"] = time.perf_counter() - t0
             results.append(BundleResult(bundle.key, bundle.manifest.id, findings, seg, sr, sites, measurements,
-                                        {k: v.skipped or "ran" for k, v in run.outputs.items()}, key_images))
+                                        {k: v.skipped or "ran" for k, v in run.outputs.items()}, key_images,
+                                        self.labelling.risk))
         if not results:
             raise ResultEncodingError(
                 f"no model found anything to segment in this series ({', '.join(b.key for b in self.bundles)})")
@@ -586,8 +567,11 @@ class SeriesAnalyzer:
         index: int = 0,
         version: int = 1,
         previous_reports: Sequence[Dataset] = (),
+        sites: Sequence[SiteResult] = (),
+        measurements: dict[str, Any] | None = None,
     ) -> tuple[Dataset, Dataset]:
-        """Build the SEG and the SR with UIDs derived from the source series, the model and the version."""
+        """Build the SEG and the SR with UIDs derived from the source series, the model and the version;
+        the SR also carries the per-site answers, risk tiers and measurements as qualitative evaluations."""
         bundle = bundle or self.bundle
         uids = result_uids(volume.series_instance_uid, bundle.key, version)
         suffix = f" v{version}" if version > 1 else ""
@@ -614,6 +598,10 @@ class SeriesAnalyzer:
             series_description=_description(f"AI {bundle.manifest.id} report{suffix}", notice),
             research_notice=notice,
             previous_versions=previous_reports,
+            sites=sites,
+            measurements=measurements or {},
+            risk=self.labelling.risk,
+            lesion_points=True,
         )
         return seg, sr
 

@@ -28,5 +28,6 @@ def test_every_field_is_documented_with_a_comment() -> None:
     assert keys == {f.name for f in fields(NodeConfig)}
     for key in keys:
         # The line before each key (or its block) is a comment.
-        match = re.search(rf"((?:^#.*\n)+)^{key} =", text, re.MULTILINE)
+        # (A table such as [results.risk] has its comment above its header.)
+        match = re.search(rf"((?:^#.*\n)+)^(?:{key} =|\[\w+\.{key}\])", text, re.MULTILINE)
         assert match, f"{key} has no comment above it in {EXAMPLE.name}"

@@ -1319,10 +1319,13 @@ def test_analyse_two_bundles_on_one_volume(body_lungs: ModelBundle, lesion_bundl
     assert [b.bundle_id for b in result.bundles] == ["body-lungs", "tiny-liver"]
     assert result.model_key == f"{body_lungs.key}, {lesion_bundle.key}"
     objects = result.objects
-    assert [str(o.Modality) for o in objects] == ["SEG", "SR", "SEG", "SR"]
-    assert [int(o.SeriesNumber) for o in objects] == [9901, 9902, 9911, 9912]
-    assert len({str(o.SOPInstanceUID) for o in objects}) == 4
-    assert len({str(o.SeriesInstanceUID) for o in objects}) == 4
+    # SEG + SR per bundle, then the tiny bundle's key images (Secondary Capture, OT), one per lesion.
+    assert [str(o.Modality) for o in objects] == ["SEG", "SR", "SEG", "SR"] + ["OT"] * (len(objects) - 4)
+    key_images = objects[4:]
+    assert key_images, "the tiny bundle reports lesions: one key image each"
+    assert [int(o.SeriesNumber) for o in objects] == [9901, 9902, 9911, 9912] + [9913] * len(key_images)
+    assert len({str(o.SOPInstanceUID) for o in objects}) == len(objects)
+    assert len({str(o.SeriesInstanceUID) for o in objects}) == 5
     for bundle, seg, sr in ((body_lungs, objects[0], objects[1]), (lesion_bundle, objects[2], objects[3])):
         m = bundle.manifest
         for ds in (seg, sr):
@@ -1341,7 +1344,7 @@ def test_analyse_two_bundles_on_one_volume(body_lungs: ModelBundle, lesion_bundl
     assert [s.SegmentLabel for s in objects[2].SegmentSequence] == ["Organ", "liver lesion 1", "liver lesion 2"]
     liver = result.bundles[1]
     assert liver.stages == {"organ": "ran", "lesion": "ran", "typing": "ran"}
-    assert liver.summary()[0].startswith("tiny-liver: liver: lesion present (score 0.95;")
+    assert liver.summary()[0] == "tiny-liver: liver: lesion present, score 0.95, risk very high — abnormal: refer"
     assert result.bundles[0].summary()[0].startswith("body-lungs: Body ")
     assert {"eligibility", "total", "model tiny-liver/typing", "encode body-lungs"} <= set(result.timings)
 
@@ -1351,7 +1354,7 @@ def test_analyse_two_bundles_on_one_volume(body_lungs: ModelBundle, lesion_bundl
     swapped = SeriesAnalyzer([lesion_bundle, body_lungs]).analyse(volume)
     # UIDs follow the bundle, not its position; series numbers follow the position.
     assert {str(o.SOPInstanceUID) for o in swapped.objects} == {str(o.SOPInstanceUID) for o in objects}
-    assert [int(o.SeriesNumber) for o in swapped.objects] == [9901, 9902, 9911, 9912]
+    assert [int(o.SeriesNumber) for o in swapped.objects] == [9901, 9902] + [9903] * len(key_images) + [9911, 9912]
 
 
 def test_two_bundles_with_one_id_are_refused(lesion_bundle: ModelBundle) -> None:

@@ -93,7 +93,8 @@ def test_ct_in_seg_and_sr_back_in_pacs(orthanc, start_node, tmp_path: Path, have
         # dcmqi reads both; the SR's volumes match the SEG's voxels.
         masks = dcmqi_seg_masks(seg_path, tmp_path / f"dcmqi-seg-{model}", volume)
         report = tid1500_json(sr_path, tmp_path / f"dcmqi-sr-{model}")
-        groups = report["Measurements"]
+        # One TID 1411 group per segment; lesions also have a TID 1410 group locating them (SCOORD3D point).
+        groups = [g for g in report["Measurements"] if "ReferencedSegment" in g]
         assert len(groups) == len(masks) == len(seg.SegmentSequence) >= 1
         for group in groups:
             number = int(group["ReferencedSegment"])

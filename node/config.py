@@ -227,6 +227,7 @@ class NodeConfig:
     enabled_models: tuple[str, ...] = ()
     require_gpu: bool = False
     research_notice: str = "For research use only. Not for use in diagnostic procedures."
+    seg_type: str = "BINARY"
     #: ``[results.risk]`` table (site -> [t1, t2, t3] score cut points, ``refer`` = tiers to refer).
     risk: "RiskPolicy" = field(default_factory=lambda: _default_risk())
     log_level: str = "INFO"
@@ -274,6 +275,8 @@ class NodeConfig:
             raise ConfigError(f"max_associations: must be >= 1, got {self.max_associations}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"log_level: {self.log_level!r} is not DEBUG, INFO, WARNING or ERROR")
+        if self.seg_type not in ("BINARY", "LABELMAP"):
+            raise ConfigError(f"seg_type: {self.seg_type!r} is not 'BINARY' or 'LABELMAP'")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format: {self.log_format!r} is not 'text' or 'json'")
         if self.status_page not in ("auto", "on", "off"):
@@ -368,7 +371,7 @@ _SECTIONS = {
     "send": {"destinations", "send_retry_initial_s", "send_retry_max_s", "send_connect_timeout_s",
              "send_dimse_timeout_s"},
     "models": {"models_dir", "enabled_models", "require_gpu"},
-    "results": {"research_notice", "risk"},
+    "results": {"research_notice", "risk", "seg_type"},
     "logging": {"log_format", "log_patient_identity"},
     "status": {"status_page", "metrics_endpoint"},
     "audit": {"audit_syslog", "audit_patient_identity"},

@@ -56,7 +56,7 @@ def build_analyzer(config: NodeConfig) -> SeriesAnalyzer:
         for folder in config.model_dirs
     ]
     labelling = ResultLabelling(research_notice=config.research_notice, software_version=software_version(),
-                                risk=config.risk)
+                                risk=config.risk, seg_type=config.seg_type)
     return SeriesAnalyzer(bundles, labelling)
 
 

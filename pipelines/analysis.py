@@ -55,6 +55,8 @@ class ResultLabelling:
     software_version: str = "0"
     #: Risk tiers and referral from site scores (None: the built-in default policy).
     risk: "RiskPolicy | None" = None
+    #: "BINARY" or "LABELMAP" (pipelines.segmentation.build_segmentation).
+    seg_type: str = "BINARY"
 
 
 def check_eligibility(volume: CTVolume) -> None:
@@ -586,6 +588,7 @@ class SeriesAnalyzer:
             series_number=self.labelling.seg_series_number + 10 * index,
             series_description=_description(f"AI {bundle.manifest.id} SEG{suffix}", notice),
             content_description=notice,
+            segmentation_type=self.labelling.seg_type,
         )
         sr = build_measurement_report(
             volume,

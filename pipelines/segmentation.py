@@ -215,6 +215,16 @@ def _segment_array(ordered: Sequence[SegmentFinding]) -> np.ndarray:
     return labels
 
 
+def _label_map(ordered: Sequence[SegmentFinding]) -> np.ndarray:
+    """One label per voxel (LABELMAP): where segments overlap, the later one wins, so a lesion
+    (listed after its organ) keeps its voxels and the organ loses them."""
+    dtype = np.uint8 if len(ordered) < 256 else np.uint16
+    labels = np.zeros(ordered[0].mask.shape, dtype=dtype)
+    for seg in ordered:
+        labels[np.asarray(seg.mask, dtype=bool)] = seg.number
+    return labels
+
+
 def _source_and_pixels(volume: CTVolume, masks: np.ndarray) -> tuple[list[Dataset], np.ndarray]:
     """Source images and the segment array (label or one plane per segment) in their order.
 
@@ -246,8 +256,13 @@ def build_segmentation(
     series_number: int,
     series_description: str,
     content_description: str,
+    segmentation_type: str = "BINARY",
 ) -> hd.seg.Segmentation:
-    """A BINARY Segmentation of ``segments`` over the CT ``volume``.
+    """A BINARY (default) or LABELMAP Segmentation of ``segments`` over the CT ``volume``.
+
+    LABELMAP (Label Map Segmentation Storage, ...66.7) holds one segment per
+    voxel: where segments overlap, the later one (lesions come after organs)
+    keeps the voxel. Fewer viewers read it than BINARY.
 
     Study, patient and Frame of Reference come from the source (highdicom
     copies them); empty frames are omitted. ``series_description`` must fit
@@ -256,13 +271,16 @@ def build_segmentation(
     """
     check_algorithm(algorithm)
     check_long_string(series_description, "series_description")
+    if segmentation_type not in ("BINARY", "LABELMAP"):
+        raise ValueError(f"segmentation_type: {segmentation_type!r} is not 'BINARY' or 'LABELMAP'")
     ordered = _ordered_segments(volume, segments)
-    sources, pixels = _source_and_pixels(volume, _segment_array(ordered))
+    labelmap = segmentation_type == "LABELMAP"
+    sources, pixels = _source_and_pixels(volume, _label_map(ordered) if labelmap else _segment_array(ordered))
     try:
         seg = hd.seg.Segmentation(
             source_images=sources,
             pixel_array=pixels,
-            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segmentation_type=hd.seg.SegmentationTypeValues[segmentation_type],
             segment_descriptions=[_segment_description(s, algorithm) for s in ordered],
             series_instance_uid=series_instance_uid,
             series_number=series_number,

@@ -502,3 +502,35 @@ def test_empty_notice_writes_no_comment(abdomen, abdomen_findings, tmp_path):
     assert_valid(sr_path)
     comments = hd.sr.utils.find_content_items(sr, name=hd.sr.CodedConcept("121106", "DCM", "Comment"), recursive=True)
     assert comments == []
+
+
+# --------------------------------------------------------------------------- LABELMAP option
+
+
+def test_labelmap_segmentation_option(abdomen, abdomen_findings, tmp_path):
+    """seg_type = "LABELMAP": Label Map Segmentation Storage, valid, read back by highdicom; where
+    segments overlap (Lungs inside Body) the later segment keeps the voxel."""
+    uids = result_uids(abdomen.series_instance_uid, MODEL_KEY)
+    seg = build_segmentation(
+        abdomen, abdomen_findings, ALGORITHM,
+        series_instance_uid=uids.seg_series_instance_uid, sop_instance_uid=uids.seg_sop_instance_uid,
+        series_number=9901, series_description="AI segmentation - RESEARCH USE ONLY",
+        content_description=NOTICE, segmentation_type="LABELMAP",
+    )
+    assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.7" and seg.SegmentationType == "LABELMAP"
+    path = tmp_path / "labelmap.dcm"
+    seg.save_as(path, enforce_file_format=True)
+    errors, _ = dciodvfy(path)
+    assert errors == [], errors
+    read = hd.seg.segread(path)
+    sources = [str(abdomen.datasets[f.dataset_index].SOPInstanceUID) for f in abdomen.frames]
+    labels = read.get_pixels_by_source_instance(sources, combine_segments=True)  # in our slice order
+    expected = np.zeros(abdomen.shape, dtype=np.uint8)
+    for finding in abdomen_findings:
+        expected[finding.mask] = finding.number
+    assert labels.shape == expected.shape
+    assert np.array_equal(labels, expected)
+    with pytest.raises(ValueError, match="segmentation_type"):
+        build_segmentation(abdomen, abdomen_findings, ALGORITHM, series_instance_uid=uids.seg_series_instance_uid,
+                           sop_instance_uid=uids.seg_sop_instance_uid, series_number=1, series_description="x",
+                           content_description="", segmentation_type="FRACTIONAL")

@@ -319,8 +319,14 @@ def check_dicomweb(destination: Destination, timeout_s: float) -> tuple[bool, st
         session.close()
 
 
-def echo_text(result: tuple) -> tuple[bool, str]:
-    """(ok, text) from ``node.sender.echo``'s (status or None, set-up s, round trip s)."""
+def echo_text(result: object) -> tuple[bool, str]:
+    """(ok, text) from a :class:`node.cli_admin.PeerResult`, or from ``node.sender.echo``'s
+    (status or None, set-up s, round trip s)."""
+    if hasattr(result, "ok") and hasattr(result, "result"):
+        rtt = getattr(result, "rtt_ms", None)
+        text = f"{result.result}" + (f", round trip {rtt:.1f} ms" if isinstance(rtt, (int, float)) else "")
+        error = getattr(result, "error", "")
+        return bool(result.ok), text + (f": {error}" if error else "")
     status, setup_s, rtt_s = (tuple(result) + (None, None, None))[:3]
     setup = f"association set-up {setup_s * 1000:.1f} ms" if isinstance(setup_s, (int, float)) else ""
     if status is None:
@@ -369,10 +375,11 @@ class StatusPages:
         self.templates.filters.update(clock=clock, ago=ago, human_bytes=human_bytes,
                                       class_name=short_class_name, uid_breaks=uid_breaks)
 
-    def _sender_echo(self, destination: Destination) -> tuple:
-        from node.sender import echo
+    def _sender_echo(self, destination: Destination) -> object:
+        # The same check as `pacs-ai-node peers test`: TLS where configured, and the reason for a refusal.
+        from node.cli_admin import echo_destination
 
-        return echo(destination, self.config)
+        return echo_destination(destination, self.config, self.config.send_connect_timeout_s)
 
     @property
     def actions_enabled(self) -> bool:

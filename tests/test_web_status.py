@@ -376,3 +376,19 @@ def test_browser_shows_the_series_and_retries_the_dead_item(make_node, tmp_path:
         driver.save_screenshot(str(OUTPUT / "status-outbox-after-retry.png"))
     finally:
         driver.quit()
+
+
+def test_default_peer_check_is_the_peers_test_echo(start_node, tmp_path: Path) -> None:
+    """Without an injected echo the page uses `peers test`'s C-ECHO (TLS-capable, says why it failed)."""
+    from node.web import StatusPages, echo_text
+
+    node = start_node()
+    dead = free_port()
+    config = NodeConfig(data_dir=tmp_path / "d", send_connect_timeout_s=5.0,
+                        destinations=(Destination.parse(f"AINODE@127.0.0.1:{node.port}"),
+                                      Destination.parse(f"NOBODY@127.0.0.1:{dead}")))
+    pages = StatusPages(StateStore(config.state_path), config)
+    ok, text = echo_text(pages._sender_echo(config.destinations[0]))
+    assert ok and "0x0000" in text and "round trip" in text
+    ok, text = echo_text(pages._sender_echo(config.destinations[1]))
+    assert not ok and "refused" in text.lower()

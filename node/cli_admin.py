@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import TextIO
 
 from node.config import DICOMWEB, ConfigError, Destination, NodeConfig, load_config
+from node.sender import dicomweb_session
 
 EXIT_OK = 0
 EXIT_PEER_FAILED = 1
@@ -453,29 +454,6 @@ def _connect_error(host: str, port: int, tls: ssl.SSLContext | None, timeout: fl
 def _without_source_line(text: str) -> str:
     """An OpenSSL message without its ``(_ssl.c:1006)`` suffix."""
     return re.sub(r"\s*\(_ssl\.c:\d+\)?", "", text).strip()
-
-
-def dicomweb_session(destination: Destination):  # noqa: ANN201 - requests is imported lazily
-    """A requests session that authenticates and checks certificates as the sender's STOW-RS does.
-
-    Raises ConfigError (unset ``password_env`` / ``token_env``) or OSError /
-    ssl.SSLError (client certificate files).
-    """
-    import requests
-
-    session = requests.Session()
-    secret = destination.secret()
-    if secret is not None and secret[0] == "basic":
-        session.auth = (destination.username, secret[1])
-    elif secret is not None:
-        session.headers["Authorization"] = f"Bearer {secret[1]}"
-    session.verify = (str(destination.tls_ca_file) if destination.tls_ca_file and destination.tls_verify
-                      else destination.tls_verify)
-    if destination.tls_cert_file is not None:
-        session.cert = ((str(destination.tls_cert_file), str(destination.tls_key_file)) if destination.tls_key_file
-                        else str(destination.tls_cert_file))
-    session.headers["Accept"] = "application/dicom+json"
-    return session
 
 
 def query_dicomweb(destination: Destination, timeout: float) -> PeerResult:

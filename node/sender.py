@@ -173,6 +173,29 @@ class Failure:
     retry_after: float = 0.0
 
 
+def dicomweb_session(destination: Destination):  # noqa: ANN201 - requests is imported lazily
+    """A requests session that authenticates and checks certificates for ``destination`` (STOW-RS,
+    QIDO-RS confirmation, ``peers test`` and the status page's check all use it).
+
+    Raises ConfigError when ``password_env`` / ``token_env`` is unset.
+    """
+    import requests
+
+    session = requests.Session()
+    secret = destination.secret()
+    if secret is not None and secret[0] == "basic":
+        session.auth = (destination.username, secret[1])
+    elif secret is not None:
+        session.headers["Authorization"] = f"Bearer {secret[1]}"
+    session.verify = str(destination.tls_ca_file) if destination.tls_ca_file and destination.tls_verify \
+        else destination.tls_verify
+    if destination.tls_cert_file is not None:
+        session.cert = (str(destination.tls_cert_file), str(destination.tls_key_file)) \
+            if destination.tls_key_file else str(destination.tls_cert_file)
+    session.headers["Accept"] = "application/dicom+json"
+    return session
+
+
 class Sender:
     """Delivers due outbox items: one thread per destination, one association (or
     STOW-RS request) per batch."""
@@ -304,11 +327,16 @@ class Sender:
         return TransferTally()
 
     def _study_of(self, series_uid: str) -> str | None:
-        row = self.state.get_series(series_uid)
-        return row.study_uid if row else None
+        """The study of a series, looked up once per batch (a batch is mostly one series)."""
+        studies = self._batch.__dict__.setdefault("studies", {})
+        if series_uid not in studies:
+            row = self.state.get_series(series_uid)
+            studies[series_uid] = row.study_uid if row else None
+        return studies[series_uid]
 
     def _report_batch(self, destination: Destination) -> None:
         tally, self._batch.tally = getattr(self._batch, "tally", None), None
+        self._batch.studies = {}
         if tally is None or not tally.studies:
             return
         address = destination.url if destination.kind == DICOMWEB else f"{destination.ae_title}"
@@ -473,21 +501,7 @@ class Sender:
     # -- DICOMweb -------------------------------------------------------------
 
     def _http_session(self, destination: Destination):  # noqa: ANN202 - requests is imported lazily
-        import requests
-
-        session = requests.Session()
-        secret = destination.secret()
-        if secret is not None and secret[0] == "basic":
-            session.auth = (destination.username, secret[1])
-        elif secret is not None:
-            session.headers["Authorization"] = f"Bearer {secret[1]}"
-        session.verify = str(destination.tls_ca_file) if destination.tls_ca_file and destination.tls_verify \
-            else destination.tls_verify
-        if destination.tls_cert_file is not None:
-            session.cert = (str(destination.tls_cert_file), str(destination.tls_key_file)) \
-                if destination.tls_key_file else str(destination.tls_cert_file)
-        session.headers["Accept"] = "application/dicom+json"
-        return session
+        return dicomweb_session(destination)
 
     def _send_stow(self, destination: Destination, items: list[OutboxRow], session, now: float | None,  # noqa: ANN001
                    ) -> tuple[int, bool]:

@@ -291,20 +291,12 @@ def check_dicomweb(destination: Destination, timeout_s: float) -> tuple[bool, st
     """
     import requests
 
-    session = requests.Session()
+    from node.sender import dicomweb_session
+
     try:
-        secret = destination.secret()
+        session = dicomweb_session(destination)
     except ConfigError as exc:
         return False, f"credentials: {exc}"
-    if secret is not None and secret[0] == "basic":
-        session.auth = (destination.username, secret[1])
-    elif secret is not None:
-        session.headers["Authorization"] = f"Bearer {secret[1]}"
-    session.verify = (str(destination.tls_ca_file) if destination.tls_ca_file and destination.tls_verify
-                      else destination.tls_verify)
-    if destination.tls_cert_file is not None:
-        session.cert = ((str(destination.tls_cert_file), str(destination.tls_key_file))
-                        if destination.tls_key_file else str(destination.tls_cert_file))
     url = f"{destination.url.rstrip('/')}/studies"
     start = time.perf_counter()
     try:

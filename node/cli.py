@@ -145,7 +145,7 @@ def cmd_process(args: argparse.Namespace) -> int:
 
                 result = analyzer.analyse(volume, progress=progress)
                 for ds in result.objects:
-                    kind = {"SEG": "SEG", "SR": "SR"}.get(str(ds.Modality), "SC")
+                    kind = {"SEG": "SEG", "SR": "SR", "PR": "PR"}.get(str(ds.Modality), "SC")
                     (output / f"{kind}_{ds.SOPInstanceUID}.dcm").write_bytes(encode_dataset(ds))
                 processed += 1
                 summary = "; ".join(result.summary)

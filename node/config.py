@@ -41,8 +41,8 @@ def validate_ae_title(value: str, key: str) -> str:
 
 
 #: Result types a destination can take (PS3.3 modality of the result object;
-#: "SC" is any Secondary Capture Image Storage class).
-RESULT_TYPES = ("SEG", "SR", "KO", "SC")
+#: "SC" is any Secondary Capture Image Storage class, "PR" any presentation state).
+RESULT_TYPES = ("SEG", "SR", "KO", "SC", "PR")
 #: Transfer syntaxes the sender can produce from the stored Explicit VR Little
 #: Endian files without touching pixel data (PS3.5 A.1, A.2, A.5).
 TRANSFER_SYNTAXES = {
@@ -57,8 +57,8 @@ _SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 
 
 def result_type(modality: str, sop_class_uid: str) -> str:
-    """The result type (``SEG``, ``SR``, ``KO``, ``SC``) of an object, from its Modality and SOP Class."""
-    if modality in ("SEG", "SR", "KO"):
+    """The result type (``SEG``, ``SR``, ``KO``, ``SC``, ``PR``) of an object, from its Modality and SOP Class."""
+    if modality in ("SEG", "SR", "KO", "PR"):
         return modality
     if sop_class_uid == _SECONDARY_CAPTURE or sop_class_uid.startswith(_SECONDARY_CAPTURE + "."):
         return "SC"
@@ -228,6 +228,7 @@ class NodeConfig:
     require_gpu: bool = False
     research_notice: str = "For research use only. Not for use in diagnostic procedures."
     seg_type: str = "BINARY"
+    key_image_type: str = "SC"
     #: ``[results.risk]`` table (site -> [t1, t2, t3] score cut points, ``refer`` = tiers to refer).
     risk: "RiskPolicy" = field(default_factory=lambda: _default_risk())
     log_level: str = "INFO"
@@ -241,6 +242,8 @@ class NodeConfig:
     retain_results_days: float = 30.0
 
     def __post_init__(self) -> None:
+        from pipelines.findings import KEY_IMAGE_TYPES
+
         validate_ae_title(self.ae_title, "ae_title")
         for aet in self.allowed_calling_ae_titles:
             validate_ae_title(aet, "allowed_calling_ae_titles")
@@ -277,6 +280,9 @@ class NodeConfig:
             raise ConfigError(f"log_level: {self.log_level!r} is not DEBUG, INFO, WARNING or ERROR")
         if self.seg_type not in ("BINARY", "LABELMAP"):
             raise ConfigError(f"seg_type: {self.seg_type!r} is not 'BINARY' or 'LABELMAP'")
+        if self.key_image_type not in KEY_IMAGE_TYPES:
+            raise ConfigError(f"key_image_type: {self.key_image_type!r} is not "
+                              f"{', '.join(repr(v) for v in KEY_IMAGE_TYPES[:-1])} or {KEY_IMAGE_TYPES[-1]!r}")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format: {self.log_format!r} is not 'text' or 'json'")
         if self.status_page not in ("auto", "on", "off"):
@@ -371,7 +377,7 @@ _SECTIONS = {
     "send": {"destinations", "send_retry_initial_s", "send_retry_max_s", "send_connect_timeout_s",
              "send_dimse_timeout_s"},
     "models": {"models_dir", "enabled_models", "require_gpu"},
-    "results": {"research_notice", "risk", "seg_type"},
+    "results": {"research_notice", "risk", "seg_type", "key_image_type"},
     "logging": {"log_format", "log_patient_identity"},
     "status": {"status_page", "metrics_endpoint"},
     "audit": {"audit_syslog", "audit_patient_identity"},
@@ -460,6 +466,10 @@ def _coerce(key: str, value: Any, base: Path) -> Any:
             return RiskPolicy.from_mapping(value)
         except RiskPolicyError as exc:
             raise ConfigError(f"results.risk: {exc}") from None
+    if key == "key_image_type":
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value.strip().upper()  # "gsps", "none" read as the upper-case values
     if key == "enabled_models":
         if not isinstance(value, list) or not all(isinstance(v, str) and v and "/" not in v for v in value):
             raise ConfigError(f"{key}: expected a list of bundle folder names, got {value!r}")

@@ -56,7 +56,7 @@ def build_analyzer(config: NodeConfig) -> SeriesAnalyzer:
         for folder in config.model_dirs
     ]
     labelling = ResultLabelling(research_notice=config.research_notice, software_version=software_version(),
-                                risk=config.risk, seg_type=config.seg_type)
+                                risk=config.risk, seg_type=config.seg_type, key_image_type=config.key_image_type)
     return SeriesAnalyzer(bundles, labelling)
 
 
@@ -237,7 +237,7 @@ class Node:
         "allowed_calling_ae_titles", "max_associations", "min_free_disk_mb", "network_timeout_s",
         "series_quiet_seconds", "complete_on_release", "rules_file", "destinations", "send_retry_initial_s",
         "send_retry_max_s", "send_connect_timeout_s", "send_dimse_timeout_s", "research_notice", "log_level",
-        "retain_input_days", "retain_results_days", "risk", "seg_type",
+        "retain_input_days", "retain_results_days", "risk", "seg_type", "key_image_type",
     })
 
     def request_reload(self, config: NodeConfig) -> None:
@@ -264,7 +264,8 @@ class Node:
         for listener in self.listeners:
             listener.config = config  # new associations only
         self.analyzer.labelling = replace(self.analyzer.labelling, research_notice=config.research_notice,
-                                          risk=config.risk, seg_type=config.seg_type)
+                                          risk=config.risk, seg_type=config.seg_type,
+                                          key_image_type=config.key_image_type)
         logging.getLogger().setLevel(config.log_level.upper())
         return applied, restart
 

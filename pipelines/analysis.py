@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset
 from scipy import ndimage
 
 from pipelines.errors import ResultEncodingError, SeriesRejected
-from pipelines.findings import CodeSpec, SegmentFinding
+from pipelines.findings import KEY_IMAGE_TYPES, CodeSpec, SegmentFinding
 from pipelines.inference import Box, CascadeRunner, StageOutput, VolumeGrids, flip
 from pipelines.measurements import (
     bone_density_assessment,
@@ -57,6 +57,12 @@ class ResultLabelling:
     risk: "RiskPolicy | None" = None
     #: "BINARY" or "LABELMAP" (pipelines.segmentation.build_segmentation).
     seg_type: str = "BINARY"
+    #: Key images of lesions: "SC", "GSPS" or "NONE" (pipelines.findings.KEY_IMAGE_TYPES).
+    key_image_type: str = "SC"
+
+    def __post_init__(self) -> None:
+        if self.key_image_type not in KEY_IMAGE_TYPES:
+            raise ValueError(f"key_image_type: {self.key_image_type!r} is not one of {', '.join(KEY_IMAGE_TYPES)}")
 
 
 def check_eligibility(volume: CTVolume) -> None:
@@ -604,30 +610,39 @@ class SeriesAnalyzer:
             sites=sites,
             measurements=measurements or {},
             risk=self.labelling.risk,
-            lesion_points=True,
+            points="all",
         )
         return seg, sr
 
 
     def key_images(self, volume: CTVolume, findings: list[SegmentFinding], *, bundle: ModelBundle,
                    index: int = 0, version: int = 1) -> list[Dataset]:
-        """Secondary Capture key images, one per lesion (contour and label burned in), for viewers
-        that show neither SEG nor SR; none when the bundle reports no lesion."""
-        from pipelines.keyimages import build_key_images
+        """Key images of the lesions, for viewers that show neither SEG nor SR: Secondary Captures
+        (contour and label burned in) or a GSPS over the source slices, as ``key_image_type`` says;
+        none when the bundle reports no lesion or the site turned them off.
 
-        if not any(f.extra.get("role") == "lesion" for f in findings):
+        Both kinds take the same series number (one or the other is made) and UIDs derived from
+        the same inputs, each in its own series: a series holds one modality (OT or PR).
+        """
+        kind = self.labelling.key_image_type
+        if kind == "NONE" or not any(f.extra.get("role") == "lesion" for f in findings):
             return []
         parts = (volume.series_instance_uid, bundle.key) + ((f"v{version}",) if version > 1 else ())
         suffix = f" v{version}" if version > 1 else ""
-        return build_key_images(
-            volume, findings, bundle.algorithm_identity(self.labelling.software_version),
-            series_instance_uid=derive_uid(*parts, "KI", "series"),
+        from pipelines.keyimages import KeyImageSeries, build_key_images
+        from pipelines.presentation import build_presentation_states
+
+        build, tag, title = ((build_presentation_states, "PR", "key images GSPS") if kind == "GSPS"
+                             else (build_key_images, "KI", "key images"))
+        series = KeyImageSeries(
+            series_instance_uid=derive_uid(*parts, tag, "series"),
             series_number=self.labelling.sr_series_number + 1 + 10 * index,
-            series_description=_description(f"AI {bundle.manifest.id} key images{suffix}",
-                                             self.labelling.research_notice),
+            series_description=_description(f"AI {bundle.manifest.id} {title}{suffix}",
+                                            self.labelling.research_notice),
             research_notice=self.labelling.research_notice,
             uid_prefix_parts=parts,
         )
+        return build(volume, findings, bundle.algorithm_identity(self.labelling.software_version), series)
 
 
 #: SEG category of lesions (SCT 49755003, PS3.16 CID 7150).

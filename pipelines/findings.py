@@ -6,6 +6,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+#: What shows lesions to viewers that read neither SEG nor SR (``[results] key_image_type``):
+#: Secondary Capture key images (pipelines.keyimages), a Grayscale Softcopy Presentation State
+#: over the source slices (pipelines.presentation), or nothing.
+KEY_IMAGE_TYPES = ("SC", "GSPS", "NONE")
+
 
 @dataclass(frozen=True)
 class CodeSpec:

@@ -25,6 +25,11 @@ colour image IOD. It claims no patient geometry (no Image Position /
 Orientation, no Pixel Spacing), since its pixels are a rendered picture with
 bands and burned-in text, not a resampled CT; Patient Orientation (a relative
 direction, which the rendering keeps) names the row and column directions.
+
+A site may choose a Grayscale Softcopy Presentation State over the original
+slices instead (:mod:`pipelines.presentation`, ``[results] key_image_type``);
+the lesion selection, key slice, windows, labels and identity rules here are
+shared with it.
 """
 
 from __future__ import annotations
@@ -469,7 +474,16 @@ _PATIENT_STUDY_TYPE3 = (
 )
 
 
-def _lesions(volume: CTVolume, findings: Sequence[SegmentFinding]) -> list[SegmentFinding]:
+def select_lesions(volume: CTVolume, findings: Sequence[SegmentFinding], max_images: int) -> list[SegmentFinding]:
+    """The lesion findings (``extra["role"] == "lesion"``) that get a key image, in finding-number order.
+
+    With more than ``max_images`` lesions the highest-scoring ones are kept
+    (ties: the lower number). Every lesion is checked first: a bool mask on
+    the volume grid, not empty, with a tracking UID (the key images' UIDs
+    derive from it); a bad one raises :class:`ResultEncodingError`. The
+    Secondary Capture and the GSPS key images both use this selection, so
+    the two options show the same lesions.
+    """
     lesions = [f for f in findings if f.extra.get("role") == "lesion"]
     for f in lesions:
         mask = np.asarray(f.mask)
@@ -482,10 +496,78 @@ def _lesions(volume: CTVolume, findings: Sequence[SegmentFinding]) -> list[Segme
             raise ResultEncodingError(f"lesion {f.number} ({f.label!r}) has an empty mask")
         if not isinstance(f.tracking_uid, str) or not f.tracking_uid:
             raise ResultEncodingError(f"lesion {f.number} ({f.label!r}) has no tracking UID")
-    return lesions
+    if len(lesions) > max_images:
+        LOG.warning("series %s: %d lesions, key images for the %d highest-scoring only",
+                    volume.series_instance_uid, len(lesions), max_images)
+    chosen = sorted(lesions, key=lambda f: (-float(f.extra.get("score", 0.0)), f.number))[:max_images]
+    chosen.sort(key=lambda f: f.number)
+    return chosen
 
 
-def _copy_patient_and_study(source: Dataset, ds: Dataset) -> None:
+@dataclass(frozen=True)
+class KeyImageSeries:
+    """Where key images go and what they show, for either builder (Secondary Capture or GSPS).
+
+    ``window`` is (width, level) in HU for every image (default: by lesion
+    site, :func:`window_for`); with more than ``max_images`` lesions the
+    highest-scoring ones are shown. Instance UIDs derive from
+    ``uid_prefix_parts`` and the lesions' tracking UIDs, so a re-run replaces
+    the same instances. An empty ``research_notice`` leaves the notice out.
+    ``content_datetime`` (default: when built) dates the objects. The
+    constructor checks every field and raises naming the bad one.
+    """
+
+    series_instance_uid: str
+    series_number: int
+    series_description: str
+    research_notice: str
+    uid_prefix_parts: tuple[str, ...]
+    window: tuple[float, float] | None = None
+    max_images: int = 12
+    content_datetime: datetime | None = None
+
+    def __post_init__(self) -> None:
+        check_long_string(self.series_description, "series_description")
+        notice = self.research_notice
+        if not isinstance(notice, str):
+            raise TypeError(f"research_notice must be a string, got {type(notice).__name__}: {notice!r}")
+        number = self.series_number
+        if not isinstance(number, int) or isinstance(number, bool) or not 0 <= number < 2**31:
+            raise ValueError(f"series_number must be an integer from 0 to 2**31-1, got {number!r}")
+        if not isinstance(self.max_images, int) or isinstance(self.max_images, bool) or self.max_images < 0:
+            raise ValueError(f"max_images must be an integer >= 0, got {self.max_images!r}")
+        if not isinstance(self.uid_prefix_parts, tuple) or not self.uid_prefix_parts:
+            raise ValueError(f"uid_prefix_parts must be a non-empty tuple of strings, got {self.uid_prefix_parts!r}")
+        derive_uid(*self.uid_prefix_parts)  # raises on an empty or non-string part
+        if not isinstance(self.series_instance_uid, str) or not UID(self.series_instance_uid).is_valid:
+            raise ValueError(f"series_instance_uid is not a valid UID: {self.series_instance_uid!r}")
+        if self.window is not None:
+            object.__setattr__(self, "window", _check_window(self.window, "window"))
+
+    def window_of(self, finding: SegmentFinding) -> DisplayWindow:
+        """The window ``finding`` is shown in: the fixed one, else by its site."""
+        return window_for(finding, self.window)
+
+    @property
+    def when(self) -> datetime:
+        return self.content_datetime or datetime.now()
+
+
+def label_lines(finding: SegmentFinding) -> list[str]:
+    """What a key image says about one lesion: its title, then its size and score lines."""
+    return [finding_title(finding), *finding_details(finding)]
+
+
+def notice_lines(algorithm: AlgorithmIdentity, research_notice: str) -> list[str]:
+    """"AI result: not verified" naming the algorithm, then the research notice (none when empty)."""
+    lines = [f"{AI_RESULT_LINE} - {algorithm.name} {algorithm.version}"]
+    if research_notice.strip():
+        lines.append(" ".join(research_notice.split()))
+    return lines
+
+
+def copy_patient_and_study(source: Dataset, ds: Dataset) -> None:
+    """Study Instance UID and the patient and study attributes of ``source`` (Type 2 ones empty when absent)."""
     ds.StudyInstanceUID = source.StudyInstanceUID
     for keyword in _PATIENT_STUDY_TYPE2:
         element = source.data_element(keyword) if keyword in source else None
@@ -495,7 +577,21 @@ def _copy_patient_and_study(source: Dataset, ds: Dataset) -> None:
             ds[keyword] = copy.deepcopy(source[keyword])
 
 
-def _source_reference(volume: CTVolume, k: int) -> tuple[Dataset, Dataset]:
+def copy_body_part(source: Dataset, ds: Dataset) -> None:
+    """Body Part Examined of ``source``, or an empty Laterality (General Series, PS3.3 C.7.3.1).
+
+    Laterality is Type 2C, needed for paired body parts: with the source's Body Part
+    Examined copied it can be left out (dciodvfy checks it that way); without one,
+    whether the part is paired is unknown, which an empty Laterality says.
+    """
+    body_part = str(source.get("BodyPartExamined", "") or "").strip()
+    if body_part:
+        ds.BodyPartExamined = body_part
+    else:
+        ds.Laterality = ""
+
+
+def source_reference(volume: CTVolume, k: int) -> tuple[Dataset, Dataset]:
     """(source instance, Source Image Sequence item) of slice ``k`` (PS3.3 C.7.6.1, Image SOP Instance Reference)."""
     frame = volume.frames[k]
     source = volume.datasets[frame.dataset_index]
@@ -518,65 +614,35 @@ def build_key_images(
     volume: CTVolume,
     findings: Sequence[SegmentFinding],
     algorithm: AlgorithmIdentity,
-    *,
-    series_instance_uid: str,
-    series_number: int,
-    series_description: str,
-    research_notice: str,
-    uid_prefix_parts: tuple[str, ...],
-    window: tuple[float, float] | None = None,
-    max_images: int = 12,
-    content_datetime: datetime | None = None,
+    series: KeyImageSeries,
 ) -> list[Dataset]:
     """One Secondary Capture key image per lesion in ``findings`` (none if there is no lesion).
 
-    ``window`` is (width, level) in HU for every image; by default lung
-    lesions get W1500/L-600 and others W400/L40. With more than
-    ``max_images`` lesions the highest-scoring ones are kept. Images come in
-    the order of the finding numbers, Instance Numbers 1, 2, ...; the SOP
-    Instance UID of each is ``derive_uid(*uid_prefix_parts, "KI",
-    tracking_uid)``, so a re-run replaces the same instances. An empty
-    ``research_notice`` leaves the notice line out. ``content_datetime``
-    (default now) is the Content / Secondary Capture date and time.
+    By default lung lesions get W1500/L-600 and others W400/L40. Images come
+    in the order of the finding numbers, Instance Numbers 1, 2, ...; the SOP
+    Instance UID of each is ``derive_uid(*series.uid_prefix_parts, "KI",
+    tracking_uid)``. ``series.content_datetime`` is the Content / Secondary
+    Capture date and time.
 
     Returns datasets with Explicit VR Little Endian file meta, ready for
     ``save_as(..., enforce_file_format=True)``.
     """
     check_algorithm(algorithm)
-    check_long_string(series_description, "series_description")
-    if not isinstance(research_notice, str):
-        raise TypeError(f"research_notice must be a string, got {type(research_notice).__name__}: {research_notice!r}")
-    if not isinstance(series_number, int) or isinstance(series_number, bool) or not 0 <= series_number < 2**31:
-        raise ValueError(f"series_number must be an integer from 0 to 2**31-1, got {series_number!r}")
-    if not isinstance(max_images, int) or isinstance(max_images, bool) or max_images < 0:
-        raise ValueError(f"max_images must be an integer >= 0, got {max_images!r}")
-    if not isinstance(uid_prefix_parts, tuple) or not uid_prefix_parts:
-        raise ValueError(f"uid_prefix_parts must be a non-empty tuple of strings, got {uid_prefix_parts!r}")
-    derive_uid(*uid_prefix_parts)  # raises on an empty or non-string part
-    if not isinstance(series_instance_uid, str) or not UID(series_instance_uid).is_valid:
-        raise ValueError(f"series_instance_uid is not a valid UID: {series_instance_uid!r}")
-    fixed_window = _check_window(window, "window") if window is not None else None
-    when = content_datetime or datetime.now()
-
-    lesions = _lesions(volume, findings)
-    if len(lesions) > max_images:
-        LOG.warning("series %s: %d lesions, key images for the %d highest-scoring only",
-                    volume.series_instance_uid, len(lesions), max_images)
-    chosen = sorted(lesions, key=lambda f: (-float(f.extra.get("score", 0.0)), f.number))[:max_images]
-    chosen.sort(key=lambda f: f.number)
-
-    footer = [TextLine(f"{AI_RESULT_LINE} - {algorithm.name} {algorithm.version}", WARNING_RGB)]
-    if research_notice.strip():
-        footer.append(TextLine(" ".join(research_notice.split())))
+    when = series.when
+    research_notice = series.research_notice
+    chosen = select_lesions(volume, findings, series.max_images)
+    notices = notice_lines(algorithm, research_notice)
+    footer = [TextLine(notices[0], WARNING_RGB), *(TextLine(line) for line in notices[1:])]
 
     images = []
     for instance_number, finding in enumerate(chosen, start=1):
         k = key_slice(finding.mask)
-        win = fixed_window or window_for(finding)
-        source, reference = _source_reference(volume, k)
+        win = series.window_of(finding)
+        source, reference = source_reference(volume, k)
+        title, *details = label_lines(finding)
         header = [
-            TextLine(finding_title(finding), CONTOUR_RGB, scale=1.2),
-            *(TextLine(line) for line in finding_details(finding)),
+            TextLine(title, CONTOUR_RGB, scale=1.2),
+            *(TextLine(line) for line in details),
             TextLine(_source_text(volume, source, k, win), DIM_TEXT_RGB, scale=0.9),
         ]
         rendered = render_key_image(
@@ -585,13 +651,11 @@ def build_key_images(
             row_direction=volume.row_direction,
             column_direction=volume.column_direction,
         )
-        sop_instance_uid = derive_uid(*uid_prefix_parts, "KI", str(finding.tracking_uid))
+        sop_instance_uid = derive_uid(*series.uid_prefix_parts, "KI", str(finding.tracking_uid))
         images.append(_key_image_dataset(
             volume, source, reference, rendered.pixels, algorithm,
             sop_instance_uid=sop_instance_uid,
-            series_instance_uid=series_instance_uid,
-            series_number=series_number,
-            series_description=series_description,
+            series=series,
             instance_number=instance_number,
             when=when,
             derivation=(
@@ -612,9 +676,7 @@ def _key_image_dataset(
     algorithm: AlgorithmIdentity,
     *,
     sop_instance_uid: str,
-    series_instance_uid: str,
-    series_number: int,
-    series_description: str,
+    series: KeyImageSeries,
     instance_number: int,
     when: datetime,
     derivation: str,
@@ -632,21 +694,14 @@ def _key_image_dataset(
     ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
     ds.ContributingEquipmentSequence = [algorithm_equipment(algorithm)]
     # Patient (C.7.1.1), General Study (C.7.2.1), Patient Study (C.7.2.2)
-    _copy_patient_and_study(source, ds)
+    copy_patient_and_study(source, ds)
     # General Series (C.7.3.1)
     ds.Modality = KEY_IMAGE_MODALITY
-    ds.SeriesInstanceUID = series_instance_uid
-    ds.SeriesNumber = series_number
-    ds.SeriesDescription = series_description
+    ds.SeriesInstanceUID = series.series_instance_uid
+    ds.SeriesNumber = series.series_number
+    ds.SeriesDescription = series.series_description
     ds.SeriesDate, ds.SeriesTime = date, time
-    # Laterality is Type 2C, needed for paired body parts: with the source's Body Part
-    # Examined copied it can be left out (dciodvfy checks it that way); without one,
-    # whether the part is paired is unknown, which an empty Laterality says.
-    body_part = str(source.get("BodyPartExamined", "") or "").strip()
-    if body_part:
-        ds.BodyPartExamined = body_part
-    else:
-        ds.Laterality = ""
+    copy_body_part(source, ds)
     # General Equipment (C.7.5.1) and SC Equipment (C.8.6.1)
     ds.Manufacturer = algorithm.manufacturer
     ds.ManufacturerModelName = algorithm.model_name

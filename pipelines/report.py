@@ -8,11 +8,13 @@ Layout (PS3.16 TID 1500, IHE AI Results):
   segment, with tracking identifier and UID, Finding, Finding Site, the
   Referenced Segment in the SEG, Source series for segmentation, algorithm
   identification (TID 4019), Volume and mean Attenuation Coefficient;
-- with ``lesion_points``, for each lesion a TID 1410 "Planar ROI
-  Measurements" group with the same tracking identifier and UID, whose Image
-  Region is a SCOORD3D POINT at the lesion's centre in patient coordinates
-  (the CT's Frame of Reference), for viewers that place findings by
-  coordinates rather than by SEG;
+- with ``points`` ("lesions" or "all"), for each lesion (or every segment) a
+  TID 1410 "Planar ROI Measurements" group with the same tracking identifier
+  and UID, whose Image Region is a SCOORD3D POINT on the segment in patient
+  coordinates (the CT's Frame of Reference), for viewers that place findings
+  by coordinates rather than by SEG. The node writes "all": OHIF (3.13)
+  merges the groups of one tracking UID and fails on a finding that has no
+  coordinate at all;
 - Qualitative Evaluations (TID 1500 rows 12-14): a TEXT Comment with the
   research-use notice, since DICOM has no research-only flag; then, when
   given, one CODE per screened site (the site's finding = Present / Absent /
@@ -139,6 +141,8 @@ LUNG_RADS_CODES = {c: _private(f"LUNGRADS{c}", f"Lung-RADS {c}") for c in ("0", 
 DIAMETER = _sct("81827009", "Diameter")
 
 #: Lesion point: TID 1410 Geometric purpose of region (PS3.16 CID 219).
+#: Which segments get a SCOORD3D point group (see :func:`build_measurement_report`).
+POINTS = ("none", "lesions", "all")
 CENTER_OF_MASS = hd.sr.CodedConcept(value="128138", scheme_designator="DCM", meaning="Center of Mass")
 REPRESENTATIVE_POINT = hd.sr.CodedConcept(value="128140", scheme_designator="DCM", meaning="Representative point")
 
@@ -270,17 +274,22 @@ def voxel_to_patient(volume: CTVolume, index_zyx: Sequence[float]) -> np.ndarray
     )
 
 
-def lesion_centre(mask: np.ndarray, spacing_zyx: Sequence[float]) -> tuple[np.ndarray, hd.sr.CodedConcept]:
+def segment_point(mask: np.ndarray, spacing_zyx: Sequence[float]) -> tuple[np.ndarray, hd.sr.CodedConcept]:
     """A point of ``mask`` (voxel index, slice/row/column) and its geometric purpose.
 
-    The centre of mass when the voxel it falls in belongs to the lesion
-    (DCM 128138 "Center of Mass"); otherwise (a crescent, a ring) the lesion
-    voxel nearest to it in mm (DCM 128140 "Representative point"), so that the
-    point always lies on the lesion.
+    The centre of mass when the voxel it falls in belongs to the segment
+    (DCM 128138 "Center of Mass"); otherwise (a crescent, a ring, both lungs)
+    the segment voxel nearest to it in mm (DCM 128140 "Representative point"),
+    so that the point always lies on the lesion or organ.
+
+    The point is moved along the slice axis onto the nearest acquired slice
+    (at most half a slice spacing): viewers that draw SCOORD3D on the source
+    images (OHIF) find no image for a point between two slices.
     """
     if mask.dtype != bool or mask.ndim != 3 or not mask.any():
-        raise ResultEncodingError(f"lesion mask must be a non-empty 3-D boolean array, got {mask.dtype} {mask.shape}")
+        raise ResultEncodingError(f"segment mask must be a non-empty 3-D boolean array, got {mask.dtype} {mask.shape}")
     centre = np.asarray(ndimage.center_of_mass(mask), dtype=float)
+    centre[0] = float(np.rint(centre[0]))
     nearest = tuple(int(v) for v in np.clip(np.rint(centre), 0, np.asarray(mask.shape) - 1))
     if mask[nearest]:
         return centre, CENTER_OF_MASS
@@ -289,21 +298,21 @@ def lesion_centre(mask: np.ndarray, spacing_zyx: Sequence[float]) -> tuple[np.nd
     return voxels[int(np.argmin(distance))].astype(float), REPRESENTATIVE_POINT
 
 
-def _lesion_point_group(
+def _point_group(
     volume: CTVolume, seg: SegmentFinding, algorithm_id: hd.sr.AlgorithmIdentification
 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
-    """TID 1410 group locating one lesion by a SCOORD3D POINT in the CT's Frame of Reference.
+    """TID 1410 group locating one segment by a SCOORD3D POINT in the CT's Frame of Reference.
 
     TID 1411 allows one ROI reference per group (the Referenced Segment here),
     and its SCOORD3D "Volume Surface" is meant for surfaces; TID 1410's Image
     Region may be SCOORD3D, so the point gets a planar group of its own with
-    the lesion's Tracking Identifier and Tracking UID (one finding, two
+    the segment's Tracking Identifier and Tracking UID (one finding, two
     representations) and no measurements (they are in the TID 1411 group).
     """
     if seg.mask.shape != volume.shape:
         raise ResultEncodingError(
             f"segment {seg.number}: mask shape {seg.mask.shape} is not the volume's {volume.shape}")
-    index, purpose = lesion_centre(seg.mask, volume.spacing_zyx)
+    index, purpose = segment_point(seg.mask, volume.spacing_zyx)
     point = voxel_to_patient(volume, index)
     region = hd.sr.ImageRegion3D(
         graphic_type=hd.sr.GraphicTypeValues3D.POINT,
@@ -545,7 +554,7 @@ def build_measurement_report(
     sites: Sequence["SiteResult"] = (),
     measurements: Mapping[str, Any] = MappingProxyType({}),
     risk: RiskPolicy | None = None,
-    lesion_points: bool = False,
+    points: str = "none",
 ) -> hd.sr.Comprehensive3DSR:
     """A TID 1500 Comprehensive 3D SR with one measurement group per segment.
 
@@ -560,9 +569,10 @@ def build_measurement_report(
     ``measurements`` (``BundleResult.measurements``: ``bone_density``,
     ``steatosis``, ``lung_nodules``) are encoded as qualitative evaluations;
     ``risk`` gives the tiers and referral flags of the sites (the default
-    :class:`RiskPolicy` when None). With ``lesion_points`` each lesion segment
-    (:func:`is_lesion`) also gets a TID 1410 group with a SCOORD3D point at its
-    centre (:func:`_lesion_point_group`).
+    :class:`RiskPolicy` when None). ``points`` is one of :data:`POINTS`:
+    with "lesions" each lesion segment (:func:`is_lesion`), with "all" every
+    segment, also gets a TID 1410 group with a SCOORD3D point on it
+    (:func:`_point_group`).
     """
     check_algorithm(algorithm)
     check_long_string(series_description, "series_description")
@@ -570,6 +580,8 @@ def build_measurement_report(
         raise TypeError(f"research_notice must be a string, got {type(research_notice).__name__}: {research_notice!r}")
     if not segments:
         raise ResultEncodingError("no segments to report")
+    if points not in POINTS:
+        raise ValueError(f"points must be one of {', '.join(POINTS)}, got {points!r}")
     ordered = sorted(segments, key=lambda s: s.number)
     _check_segmentation(volume, ordered, segmentation)
     if risk is not None and not isinstance(risk, RiskPolicy):
@@ -598,8 +610,8 @@ def build_measurement_report(
         groups: list = []
         for seg in ordered:
             groups.append(_measurement_group(volume, seg, segmentation, algorithm_id))
-            if lesion_points and is_lesion(seg):
-                groups.append(_lesion_point_group(volume, seg, algorithm_id))
+            if points == "all" or (points == "lesions" and is_lesion(seg)):
+                groups.append(_point_group(volume, seg, algorithm_id))
         report = hd.sr.MeasurementReport(
             observation_context=hd.sr.ObservationContext(observer_device_context=observer),
             procedure_reported=coded(procedure_reported),

@@ -113,6 +113,11 @@ class CTVolume:
             + c * self.pixel_spacing[1] * self.row_direction
         )
 
+    def rescale(self, k: int) -> tuple[float, float]:
+        """(Rescale Slope, Rescale Intercept) that turn the stored pixel values of slice ``k`` into HU."""
+        frame = self.frames[k]
+        return _rescale(self.datasets[frame.dataset_index], frame.frame_number)
+
 
 def plane_of(normal: Sequence[float]) -> str:
     """``AXIAL``, ``CORONAL``, ``SAGITTAL`` or ``OBLIQUE`` for a slice normal in LPS.
@@ -220,9 +225,7 @@ def build_volume(datasets: list[Dataset]) -> CTVolume:
             hu[k] = _hu(pixels[index], *_frame_rescale(ds, index))
     else:
         for k, ds in enumerate(geometry.datasets):
-            slope = float(getattr(ds, "RescaleSlope", 1) or 1)
-            intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
-            hu[k] = _hu(_pixel_array(ds, f"slice {k + 1}"), slope, intercept)
+            hu[k] = _hu(_pixel_array(ds, f"slice {k + 1}"), *_rescale(ds, 1))
     return CTVolume(
         datasets=geometry.datasets,
         frames=geometry.frames,
@@ -367,6 +370,13 @@ def _frame_rescale(ds: Dataset, frame_index: int) -> tuple[float, float]:
     if transform is None:
         return 1.0, 0.0
     return float(getattr(transform, "RescaleSlope", 1) or 1), float(getattr(transform, "RescaleIntercept", 0) or 0)
+
+
+def _rescale(ds: Dataset, frame_number: int) -> tuple[float, float]:
+    """Rescale slope and intercept of one frame (1-based) of a CT or Enhanced CT instance."""
+    if ds.SOPClassUID == ENHANCED_CT_IMAGE_STORAGE:
+        return _frame_rescale(ds, frame_number - 1)
+    return float(getattr(ds, "RescaleSlope", 1) or 1), float(getattr(ds, "RescaleIntercept", 0) or 0)
 
 
 def _enhanced_geometry(ds: Dataset) -> SeriesGeometry:

@@ -217,7 +217,7 @@ def test_credentials_over_plain_http_are_a_warning(capsys: pytest.CaptureFixture
     assert ("warning: send.destinations[0].url: credentials would be sent over plain http to "
             "http://archive.example.org/dicom-web") in err
     url = "http://archive.example.org/dicom-web"
-    assert f"{url} (dicomweb {url}; SEG, SR, KO, SC)" in out
+    assert f"{url} (dicomweb {url}; SEG, SR, KO, SC, PR)" in out
 
 
 # -- peers test ---------------------------------------------------------------------

@@ -26,6 +26,7 @@ from pipelines.keyimages import (
     CONTOUR_RGB,
     SECONDARY_CAPTURE_IMAGE_STORAGE,
     WARNING_RGB,
+    KeyImageSeries,
     apply_window,
     build_key_images,
     key_image_pixels,
@@ -117,8 +118,9 @@ def findings(volume: CTVolume) -> list[SegmentFinding]:
     ]
 
 
-def _build(volume: CTVolume, findings: list[SegmentFinding], **kwargs: object) -> list[pydicom.Dataset]:
-    args = dict(
+def build_arguments(**kwargs: object) -> dict[str, object]:
+    """The KeyImageSeries fields of these tests, with ``kwargs`` overriding them."""
+    args: dict[str, object] = dict(
         series_instance_uid=derive_uid(*PREFIX, "KI", "series"),
         series_number=903,
         series_description="AI key images - research use only",
@@ -127,7 +129,11 @@ def _build(volume: CTVolume, findings: list[SegmentFinding], **kwargs: object) -
         content_datetime=WHEN,
     )
     args.update(kwargs)
-    return build_key_images(volume, findings, ALGORITHM, **args)  # type: ignore[arg-type]
+    return args
+
+
+def _build(volume: CTVolume, findings: list[SegmentFinding], **kwargs: object) -> list[pydicom.Dataset]:
+    return build_key_images(volume, findings, ALGORITHM, KeyImageSeries(**build_arguments(**kwargs)))  # type: ignore
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from pipelines.model import ModelBundle
 from pipelines.report import (
     PRIVATE_SCHEME,
     build_measurement_report,
-    lesion_centre,
+    segment_point,
     voxel_to_patient,
 )
 from pipelines.risk import (
@@ -157,13 +157,13 @@ POLICY = RiskPolicy({"default": (0.3, 0.6, 0.9), "pancreas": (0.2, 0.5, 0.8)}, r
 
 
 def _build(volume, segments, seg, sites=SITES, measurements=MEASUREMENTS, risk=POLICY,  # noqa: ANN001
-           lesion_points=True, **kwargs):  # noqa: ANN001, ANN003
+           points="lesions", **kwargs):  # noqa: ANN001, ANN003
     uids = result_uids(volume.series_instance_uid, MODEL_KEY)
     return build_measurement_report(
         volume, segments, seg, ALGORITHM,
         series_instance_uid=uids.sr_series_instance_uid, sop_instance_uid=uids.sr_sop_instance_uid,
         series_number=9902, series_description="AI reference-cascade report - RESEARCH USE ONLY",
-        research_notice=NOTICE, sites=sites, measurements=measurements, risk=risk, lesion_points=lesion_points,
+        research_notice=NOTICE, sites=sites, measurements=measurements, risk=risk, points=points,
         **kwargs,
     )
 
@@ -408,6 +408,22 @@ def test_lesion_points_lie_inside_their_masks(volume, segments, sr_path):  # noq
     assert purposes == {"pancreas lesion 1": "128138", "lung lesion 1": "128140"}
 
 
+def test_every_segment_gets_a_point_on_it_when_asked(volume, segments, seg, tmp_path):  # noqa: ANN001
+    """points="all" (what the node writes): OHIF 3.13 fails on a finding with no coordinate at all."""
+    _build(volume, segments, seg, points="all").save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+    groups = {g.tracking_uid: g for g in hd.sr.srread(tmp_path / "sr.dcm").content.get_planar_roi_measurement_groups()}
+    assert sorted(groups) == sorted(s.tracking_uid for s in segments)
+    planes = np.asarray([float(np.dot(ds.ImagePositionPatient, volume.slice_direction)) for ds in volume.datasets])
+    for segment in segments:
+        (region,) = [groups[segment.tracking_uid].roi]
+        point = np.asarray(region.GraphicData, dtype=float)
+        assert segment.mask[_patient_to_voxel(volume, point)], segment.label
+        # On an acquired slice: OHIF shows no point that lies between two.
+        assert np.abs(planes - float(np.dot(point, volume.slice_direction))).min() < 1e-3, segment.label
+    with pytest.raises(ValueError, match="points must be one of none, lesions, all"):
+        _build(volume, segments, seg, points="organs")
+
+
 def test_voxel_to_patient_on_an_oblique_grid():
     # A rotated, anisotropic grid: compare with the closed form of PS3.3 C.7.6.2.1.1.
     angle = np.deg2rad(20)
@@ -426,9 +442,9 @@ def test_voxel_to_patient_on_an_oblique_grid():
         voxel_to_patient(volume, (4, 0, 0))
 
 
-def test_lesion_centre_of_an_empty_mask_is_refused():
+def test_segment_point_of_an_empty_mask_is_refused():
     with pytest.raises(ResultEncodingError, match="non-empty"):
-        lesion_centre(np.zeros((3, 3, 3), bool), (1.0, 1.0, 1.0))
+        segment_point(np.zeros((3, 3, 3), bool), (1.0, 1.0, 1.0))
 
 
 def test_bad_site_answers_are_refused(volume, segments, seg):  # noqa: ANN001
@@ -460,7 +476,7 @@ def test_real_analysis_output_encodes(volume, tmp_path):  # noqa: ANN001
     sr = build_measurement_report(
         volume, findings, seg, ALGORITHM, series_instance_uid=uids.sr_series_instance_uid,
         sop_instance_uid=uids.sr_sop_instance_uid, series_number=9902, series_description="AI report",
-        research_notice=NOTICE, sites=sites, measurements=measurements, lesion_points=True)
+        research_notice=NOTICE, sites=sites, measurements=measurements, points="all")
     path = tmp_path / "sr.dcm"
     sr.save_as(path, enforce_file_format=True)
     errors, warnings = dciodvfy(path)
@@ -470,12 +486,12 @@ def test_real_analysis_output_encodes(volume, tmp_path):  # noqa: ANN001
     for site in sites:
         (item,) = _by_concept(items, site.finding.value, site.finding.scheme)
         assert _key(item.ConceptCodeSequence[0]) == statuses[site.status], site.site
-    lesions = {f.tracking_uid: f for f in findings if f.extra.get("role") == "lesion"}
+    by_uid = {f.tracking_uid: f for f in findings}
     groups = hd.sr.srread(path).content.get_planar_roi_measurement_groups()
-    assert sorted(g.tracking_uid for g in groups) == sorted(lesions)
+    assert sorted(g.tracking_uid for g in groups) == sorted(by_uid)
     for group in groups:
         (region,) = group.roi if isinstance(group.roi, list) else [group.roi]
-        assert lesions[group.tracking_uid].mask[_patient_to_voxel(volume, np.asarray(region.GraphicData, float))]
+        assert by_uid[group.tracking_uid].mask[_patient_to_voxel(volume, np.asarray(region.GraphicData, float))]
 
 
 # --------------------------------------------------------------------------- risk policy

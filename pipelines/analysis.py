@@ -581,7 +581,9 @@ class SeriesAnalyzer:
         """Build the SEG and the SR with UIDs derived from the source series, the model and the version;
         the SR also carries the per-site answers, risk tiers and measurements as qualitative evaluations."""
         bundle = bundle or self.bundle
-        uids = result_uids(volume.series_instance_uid, bundle.key, version)
+        # A label map is another SOP class: it (and the SR that references it) gets UIDs of its own.
+        variant = "LABELMAP" if self.labelling.seg_type == "LABELMAP" else ""
+        uids = result_uids(volume.series_instance_uid, bundle.key, version, variant)
         suffix = f" v{version}" if version > 1 else ""
         algorithm = bundle.algorithm_identity(self.labelling.software_version)
         notice = self.labelling.research_notice

@@ -46,6 +46,7 @@ from scipy import ndimage
 from pipelines.errors import ResultEncodingError
 from pipelines.findings import AlgorithmIdentity, CodeSpec, SegmentFinding
 from pipelines.segmentation import (
+    LABEL_MAP_SEGMENTATION_STORAGE,
     SEGMENTATION_STORAGE,
     algorithm_equipment,
     check_algorithm,
@@ -162,9 +163,10 @@ def _check_segmentation(
     volume: CTVolume, segments: Sequence[SegmentFinding], segmentation: hd.seg.Segmentation
 ) -> None:
     """The SEG must be ours for this volume: same study, same CT series, all segments present."""
-    if str(segmentation.SOPClassUID) != SEGMENTATION_STORAGE:
+    if str(segmentation.SOPClassUID) not in (SEGMENTATION_STORAGE, LABEL_MAP_SEGMENTATION_STORAGE):
         raise ResultEncodingError(
-            f"segmentation has SOP class {segmentation.SOPClassUID}, expected {SEGMENTATION_STORAGE}"
+            f"segmentation has SOP class {segmentation.SOPClassUID}, expected {SEGMENTATION_STORAGE} "
+            f"or {LABEL_MAP_SEGMENTATION_STORAGE}"
         )
     if str(segmentation.StudyInstanceUID) != volume.study_instance_uid:
         raise ResultEncodingError(

@@ -22,6 +22,8 @@ from pipelines.findings import AlgorithmIdentity, CodeSpec, SegmentFinding
 from pipelines.volume import CTVolume
 
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+#: Label Map Segmentation Storage ([results] seg_type = "LABELMAP").
+LABEL_MAP_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
 
 #: Maximum length of a Long String (LO) value, PS3.5 Table 6.2-1.
 LO_MAX_CHARS = 64

@@ -50,14 +50,16 @@ class ResultUids:
     sr_sop_instance_uid: str
 
 
-def result_uids(source_series_uid: str, model_key: str, version: int = 1) -> ResultUids:
+def result_uids(source_series_uid: str, model_key: str, version: int = 1, variant: str = "") -> ResultUids:
     """UIDs for the results of ``model_key`` (e.g. ``"body-lungs@1.0.0+3fa2c1"``)
     applied to the series ``source_series_uid``; ``version`` counts the results
     made for that series (late instances make version 2, 3, ...).
 
     Same inputs give the same UIDs; a different model key (new model bytes) or
     version gives new ones, so results of two model builds or two versions of
-    the series never overwrite each other.
+    the series never overwrite each other. ``variant`` (e.g. ``"LABELMAP"``)
+    names a site option that changes the objects' SOP class: an instance UID
+    must never name two objects of different classes.
     """
     for name, value in (("source_series_uid", source_series_uid), ("model_key", model_key)):
         if not isinstance(value, str) or not value.strip():
@@ -66,6 +68,10 @@ def result_uids(source_series_uid: str, model_key: str, version: int = 1) -> Res
         raise ValueError(f"version must be an integer >= 1, got {version!r}")
     # Version 1 keeps the derivation of the first release, so its UIDs are unchanged.
     parts = (source_series_uid, model_key) if version == 1 else (source_series_uid, model_key, f"v{version}")
+    if not isinstance(variant, str):
+        raise ValueError(f"variant must be a string, got {variant!r}")
+    if variant:
+        parts = (*parts, variant)
     return ResultUids(
         seg_series_instance_uid=derive_uid(*parts, "SEG", "series"),
         seg_sop_instance_uid=derive_uid(*parts, "SEG", "instance"),

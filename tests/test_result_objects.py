@@ -534,3 +534,33 @@ def test_labelmap_segmentation_option(abdomen, abdomen_findings, tmp_path):
         build_segmentation(abdomen, abdomen_findings, ALGORITHM, series_instance_uid=uids.seg_series_instance_uid,
                            sop_instance_uid=uids.seg_sop_instance_uid, series_number=1, series_description="x",
                            content_description="", segmentation_type="FRACTIONAL")
+
+
+def test_labelmap_through_the_analyzer_gets_its_own_uids_and_a_report(abdomen, tmp_path):
+    """The node's own path with seg_type = "LABELMAP": the SR references the label map, and neither
+    object reuses the BINARY run's UIDs (an instance UID must not name objects of two SOP classes)."""
+    from pipelines.analysis import ResultLabelling, SeriesAnalyzer
+    from pipelines.model import ModelBundle
+
+    bundle = ModelBundle(Path(__file__).parent.parent / "onnx_models" / "body-lungs",
+                         providers=["CPUExecutionProvider"])
+    binary = SeriesAnalyzer(bundle).analyse(abdomen).bundles[0]
+    labelmap = SeriesAnalyzer(bundle, ResultLabelling(seg_type="LABELMAP")).analyse(abdomen).bundles[0]
+    assert labelmap.segmentation.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.7"
+    for a, b in ((binary.segmentation, labelmap.segmentation), (binary.report, labelmap.report)):
+        assert a.SOPInstanceUID != b.SOPInstanceUID and a.SeriesInstanceUID != b.SeriesInstanceUID
+    seg_path, sr_path = tmp_path / "seg.dcm", tmp_path / "sr.dcm"
+    labelmap.segmentation.save_as(seg_path, enforce_file_format=True)
+    labelmap.report.save_as(sr_path, enforce_file_format=True)
+    assert dciodvfy(seg_path)[0] == []
+    # dicom3tools (2026-09 snapshot) allows a Referenced Segment Number only for Segmentation and Surface
+    # Segmentation Storage, not yet for Label Map Segmentation Storage: that is its only complaint.
+    errors, _ = dciodvfy(sr_path)
+    assert set(errors) == {"Error - Shall not be present for Referenced SOP Class that is not segmentation - "
+                           "attribute <ReferencedSegmentNumber>"}, errors
+    groups = hd.sr.srread(sr_path).content.get_volumetric_roi_measurement_groups()
+    assert groups
+    for group in groups:
+        reference = group.referenced_segment
+        assert reference.referenced_sop_class_uid == "1.2.840.10008.5.1.4.1.1.66.7"
+        assert reference.referenced_sop_instance_uid == labelmap.segmentation.SOPInstanceUID

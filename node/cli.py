@@ -20,7 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
 
-from node.config import ConfigError, Destination, NodeConfig, load_config
+from node.config import ConfigError, Destination, NodeConfig, load_config, result_type
 from pipelines.errors import PacsAiError, SeriesRejected
 
 LOG = logging.getLogger("node")
@@ -145,7 +145,7 @@ def cmd_process(args: argparse.Namespace) -> int:
 
                 result = analyzer.analyse(volume, progress=progress)
                 for ds in result.objects:
-                    kind = {"SEG": "SEG", "SR": "SR", "PR": "PR"}.get(str(ds.Modality), "SC")
+                    kind = result_type(str(ds.Modality), str(ds.SOPClassUID))
                     (output / f"{kind}_{ds.SOPInstanceUID}.dcm").write_bytes(encode_dataset(ds))
                 processed += 1
                 summary = "; ".join(result.summary)

@@ -231,16 +231,21 @@ def _measurement_group(
             value=_finite(seg.extra["malignancy"], f"segment {seg.number} probability of cancer"),
             unit=codes.UCUM.NoUnits,
         ))
-    finding_sites = [hd.sr.FindingSite(anatomic_location=coded(seg.finding_site))] if seg.finding_site else None
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=seg.tracking_uid, identifier=seg.tracking_id),
-        referenced_segment=referenced_segment,
-        finding_type=coded(seg.type),
-        finding_category=coded(seg.category),
-        finding_sites=finding_sites,
-        algorithm_id=algorithm_id,
-        measurements=measurements,
-    )
+        referenced_segment=referenced_segment, measurements=measurements, **_finding_identity(seg, algorithm_id))
+
+
+def _finding_identity(seg: SegmentFinding, algorithm_id: hd.sr.AlgorithmIdentification) -> dict[str, Any]:
+    """What every measurement group of one segment says alike: tracking identifier and UID, finding,
+    category, site and algorithm. Viewers (OHIF) merge a finding's groups by its tracking UID."""
+    finding_sites = [hd.sr.FindingSite(anatomic_location=coded(seg.finding_site))] if seg.finding_site else None
+    return {
+        "tracking_identifier": hd.sr.TrackingIdentifier(uid=seg.tracking_uid, identifier=seg.tracking_id),
+        "finding_type": coded(seg.type),
+        "finding_category": coded(seg.category),
+        "finding_sites": finding_sites,
+        "algorithm_id": algorithm_id,
+    }
 
 
 # --------------------------------------------------------------------------- lesion points
@@ -321,16 +326,8 @@ def _point_group(
         graphic_data=point.reshape(1, 3),
         frame_of_reference_uid=volume.frame_of_reference_uid,
     )
-    finding_sites = [hd.sr.FindingSite(anatomic_location=coded(seg.finding_site))] if seg.finding_site else None
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=seg.tracking_uid, identifier=seg.tracking_id),
-        referenced_region=region,
-        finding_type=coded(seg.type),
-        finding_category=coded(seg.category),
-        finding_sites=finding_sites,
-        algorithm_id=algorithm_id,
-        geometric_purpose=purpose,
-    )
+        referenced_region=region, geometric_purpose=purpose, **_finding_identity(seg, algorithm_id))
 
 
 # --------------------------------------------------------------------------- qualitative evaluations

@@ -65,13 +65,13 @@ def case(tmp_path_factory: pytest.TempPathFactory) -> dict:
         assert proc.returncode == 0, proc.stdout + proc.stderr
     presentation_states = sorted((root / "results-gsps").glob("PR_*.dcm"))
     assert len(presentation_states) == 1
-    objects = {path: pydicom.dcmread(path) for path in [*sorted(results.glob("*.dcm")), *presentation_states]}
+    objects = [pydicom.dcmread(path) for path in [*sorted(results.glob("*.dcm")), *presentation_states]]
     by_modality: dict[str, list[pydicom.Dataset]] = {}
-    for ds in objects.values():
+    for ds in objects:
         by_modality.setdefault(str(ds.Modality), []).append(ds)
     assert {"SEG", "SR", "PR"} <= set(by_modality), sorted(by_modality)
     cts = [pydicom.dcmread(path) for path in sorted(ct_dir.glob("*.dcm"))]
-    return {"cts": cts, "results": list(objects.values()), "by_modality": by_modality,
+    return {"cts": cts, "results": objects, "by_modality": by_modality,
             "study": str(cts[0].StudyInstanceUID)}
 
 

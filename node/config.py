@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import ssl
 
-    from pipelines.risk import RiskPolicy
+    from pipelines.clinical.risk import RiskPolicy
 from urllib.parse import urlsplit
 
 from pipelines.errors import PacsAiError
@@ -242,7 +242,7 @@ class NodeConfig:
     retain_results_days: float = 30.0
 
     def __post_init__(self) -> None:
-        from pipelines.findings import KEY_IMAGE_TYPES
+        from pipelines.clinical.findings import KEY_IMAGE_TYPES
 
         validate_ae_title(self.ae_title, "ae_title")
         for aet in self.allowed_calling_ae_titles:
@@ -351,7 +351,7 @@ class NodeConfig:
     def model_dirs(self) -> list[Path]:
         """The bundle folders to load: ``enabled_models`` in order, or every bundle in ``models_dir``."""
         from pipelines.errors import ModelError
-        from pipelines.model import discover_bundles
+        from pipelines.model.bundle import discover_bundles
 
         if not self.enabled_models:
             try:
@@ -395,7 +395,7 @@ _DESTINATION_TYPES: dict[str, tuple[type, ...] | str] = {
 
 
 def _default_risk() -> "RiskPolicy":
-    from pipelines.risk import RiskPolicy
+    from pipelines.clinical.risk import RiskPolicy
 
     return RiskPolicy()
 
@@ -458,7 +458,7 @@ def _coerce(key: str, value: Any, base: Path) -> Any:
         path = Path(value).expanduser()
         return path if path.is_absolute() else (base / path)
     if key == "risk":
-        from pipelines.risk import RiskPolicy, RiskPolicyError
+        from pipelines.clinical.risk import RiskPolicy, RiskPolicyError
 
         if not isinstance(value, dict):
             raise ConfigError(f"results.risk: expected a table, got {value!r}")

@@ -20,17 +20,17 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 
 from node.config import NodeConfig
-from node.intake import Intake, read_header
-from node.listener import DicomServer
-from node.sender import Sender
-from node.stow import HttpServer, create_app
-from node.spool import Spool, check_uid, remove_partials, write_durably
-from node.state import DONE, FAILED, REJECTED, StateStore
+from node.receive.intake import Intake, read_header
+from node.receive.listener import DicomServer
+from node.send.sender import Sender
+from node.receive.stow import HttpServer, create_app
+from node.store.spool import Spool, check_uid, remove_partials, write_durably
+from node.store.state import DONE, FAILED, REJECTED, StateStore
 from pipelines.analysis import ResultLabelling, SeriesAnalyzer, SeriesResult
 from pipelines.errors import PacsAiError, SeriesRejected
-from pipelines.model import ModelBundle
-from pipelines.rules import RuleSet, screen_series
-from pipelines.volume import load_series
+from pipelines.model.bundle import ModelBundle
+from pipelines.rules.ruleset import RuleSet, screen_series
+from pipelines.volume.ct import load_series
 
 LOG = logging.getLogger(__name__)
 
@@ -197,8 +197,8 @@ class Node:
         self._stop = threading.Event()
         self._wake_worker = threading.Event()
         self._wake_sender = threading.Event()
-        from node.audit import AuditTrail
-        from node.metrics import NodeMetrics, store_counts
+        from node.observe.audit import AuditTrail
+        from node.observe.metrics import NodeMetrics, store_counts
 
         self.metrics = NodeMetrics(config.data_dir, store_counts(self.state), version=software_version())
         self.audit = AuditTrail(config.data_dir, config.ae_title, syslog=config.audit_syslog_address,
@@ -215,11 +215,11 @@ class Node:
             app = create_app(self.intake, max_request_bytes=config.stow_max_request_mb * 2**20,
                              credentials=credentials)
             if config.metrics_endpoint:
-                from node.metrics import metrics_route
+                from node.observe.metrics import metrics_route
 
                 app.router.routes.append(metrics_route(self.metrics))
             if config.status_page_enabled:
-                from node.web import describe_bundle, status_routes
+                from node.http.status import describe_bundle, status_routes
 
                 app.router.routes.extend(status_routes(
                     self.state, config,
@@ -454,7 +454,7 @@ class Node:
             return ""
         import pydicom
 
-        from node.logs import patient_text
+        from node.observe.logs import patient_text
 
         try:
             ds = pydicom.dcmread(paths[0], stop_before_pixels=True, specific_tags=["PatientName", "PatientID"])

@@ -18,9 +18,9 @@ from pydicom.dataset import Dataset
 from scipy import ndimage
 
 from pipelines.errors import ResultEncodingError, SeriesRejected
-from pipelines.findings import KEY_IMAGE_TYPES, CodeSpec, SegmentFinding
-from pipelines.inference import Box, CascadeRunner, StageOutput, VolumeGrids, flip
-from pipelines.measurements import (
+from pipelines.clinical.findings import KEY_IMAGE_TYPES, CodeSpec, SegmentFinding
+from pipelines.model.inference import Box, CascadeRunner, StageOutput, VolumeGrids, flip
+from pipelines.clinical.measurements import (
     bone_density_assessment,
     field_of_view_cut,
     nodule_measurements,
@@ -28,12 +28,12 @@ from pipelines.measurements import (
     steatosis_assessment,
     vertebral_levels_from_ribs,
 )
-from pipelines.model import ModelBundle
-from pipelines.report import build_measurement_report
-from pipelines.risk import RiskPolicy, summary_lines
-from pipelines.segmentation import build_segmentation
-from pipelines.uids import derive_uid, result_uids
-from pipelines.volume import PLANE_MIN_COSINE, CTVolume, plane_of
+from pipelines.model.bundle import ModelBundle
+from pipelines.dicom_out.report import build_measurement_report
+from pipelines.clinical.risk import RiskPolicy, summary_lines
+from pipelines.dicom_out.segmentation import build_segmentation
+from pipelines.dicom_out.uids import derive_uid, result_uids
+from pipelines.volume.ct import PLANE_MIN_COSINE, CTVolume, plane_of
 
 LOG = logging.getLogger(__name__)
 
@@ -69,12 +69,12 @@ def check_eligibility(volume: CTVolume) -> None:
     """The floor under the site's eligibility rules; raises :class:`SeriesRejected`.
 
     Which series run is decided before the volume is built, by the rules file
-    (:mod:`pipelines.rules`, default ``pipelines/default_rules.toml``), which a
+    (:mod:`pipelines.rules.ruleset`, default ``pipelines/default_rules.toml``), which a
     site may loosen or tighten. Whatever it says, the bundled models need a CT
     volume that is not a localizer, is axial (the same test as the rules'
-    ``orientation``, :func:`pipelines.volume.plane_of`) and has at least
+    ``orientation``, :func:`pipelines.volume.ct.ct.plane_of`) and has at least
     :data:`MIN_SLICES` slices; the geometry itself was checked when the volume
-    was built (:func:`pipelines.volume.check_geometry`).
+    was built (:func:`pipelines.volume.ct.ct.check_geometry`).
     """
     first = volume.first
     modality = str(getattr(first, "Modality", ""))
@@ -631,8 +631,8 @@ class SeriesAnalyzer:
             return []
         parts = (volume.series_instance_uid, bundle.key) + ((f"v{version}",) if version > 1 else ())
         suffix = f" v{version}" if version > 1 else ""
-        from pipelines.keyimages import KeyImageSeries, build_key_images
-        from pipelines.presentation import build_presentation_states
+        from pipelines.dicom_out.keyimages import KeyImageSeries, build_key_images
+        from pipelines.dicom_out.presentation import build_presentation_states
 
         build, tag, title = ((build_presentation_states, "PR", "key images GSPS") if kind == "GSPS"
                              else (build_key_images, "KI", "key images"))

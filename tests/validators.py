@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 import pydicom
 
-from pipelines.volume import CTVolume
+from pipelines.volume.ct import CTVolume
 
 TOOL_TIMEOUT_S = 300
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from pipelines.uids import derive_uid
+from pipelines.dicom_out.uids import derive_uid
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = REPO / "tests" / "data" / "abdomen-noncontrast-112"

@@ -27,11 +27,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from pipelines import phantom  # noqa: E402
+from pipelines.offline import phantom  # noqa: E402
 from pipelines.analysis import SeriesAnalyzer, _BundleRun  # noqa: E402
-from pipelines.inference import CascadeRunner, VolumeGrids  # noqa: E402
-from pipelines.model import ModelBundle  # noqa: E402
-from pipelines.volume import load_series  # noqa: E402
+from pipelines.model.inference import CascadeRunner, VolumeGrids  # noqa: E402
+from pipelines.model.bundle import ModelBundle  # noqa: E402
+from pipelines.volume.ct import load_series  # noqa: E402
 
 
 def gpu_name() -> str:

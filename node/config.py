@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,6 +26,15 @@ from pipelines.errors import PacsAiError
 DEFAULT_AE_TITLE = "AINODE"
 DEFAULT_PORT = 11112
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+#: Environment variable naming the models folder when the config file does not (``[models] models_dir``).
+MODELS_ENV = "PACS_AI_NODE_MODELS"
+#: Environment variable naming the config file when the command line does not (``--config``).
+CONFIG_ENV = "PACS_AI_NODE_CONFIG"
+#: The config file a system-wide install reads when neither ``--config`` nor ``$PACS_AI_NODE_CONFIG`` names one.
+SYSTEM_CONFIG = Path("/etc/pacs-ai-node/node.toml")
+#: What the log says when no config file was found (``--config``, ``$PACS_AI_NODE_CONFIG``, /etc).
+EMBEDDED_DEFAULTS = "embedded defaults"
 
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: 16 chars, no backslash/control
 
@@ -222,7 +232,8 @@ class NodeConfig:
     send_retry_max_s: float = 300.0
     send_connect_timeout_s: float = 10.0
     send_dimse_timeout_s: float = 60.0
-    models_dir: Path = REPO_ROOT / "onnx_models"
+    #: Default: :func:`default_models_dir` (``$PACS_AI_NODE_MODELS``, the checkout, the install prefix).
+    models_dir: Path = field(default_factory=lambda: default_models_dir())
     #: Bundle folder names under models_dir to run; empty: every bundle there.
     enabled_models: tuple[str, ...] = ()
     require_gpu: bool = False
@@ -394,6 +405,49 @@ _DESTINATION_TYPES: dict[str, tuple[type, ...] | str] = {
 }
 
 
+def default_models_dir() -> Path:
+    """Where the model bundles are when the config file does not say (``[models] models_dir``).
+
+    The first of: ``$PACS_AI_NODE_MODELS`` (used even when it does not exist, so the error names
+    it); the checkout's ``onnx_models/`` when running from a source tree (editable install or
+    ``python -m``); ``<sys.prefix>/share/pacs-ai-node/onnx_models``, where a plain ``pip install``
+    puts the bundled models (setup.cfg ``[options.data_files]``). When none exists, the last one,
+    so that "no model bundle in ..." names the install location.
+    """
+    from_env = os.environ.get(MODELS_ENV, "").strip()
+    if from_env:
+        return Path(from_env).expanduser()
+    checkout = REPO_ROOT / "onnx_models"
+    # setup.cfg next to the packages: a source tree, not site-packages (which has no onnx_models/).
+    if checkout.is_dir() and (REPO_ROOT / "setup.cfg").is_file():
+        return checkout
+    return Path(sys.prefix) / "share" / "pacs-ai-node" / "onnx_models"
+
+
+def find_config(explicit: Path | str | None) -> tuple[Path | None, str]:
+    """The config file a command reads, and why: ``(path, how)`` or ``(None, "embedded defaults")``.
+
+    Searched in order: ``explicit`` (``--config``), ``$PACS_AI_NODE_CONFIG``, then
+    ``/etc/pacs-ai-node/node.toml`` if it exists. A file named by the first two must exist
+    (:func:`load_config` says so); the system file is only read when present.
+    """
+    if explicit is not None and str(explicit) != "":
+        return Path(explicit), "--config"
+    from_env = os.environ.get(CONFIG_ENV, "").strip()
+    if from_env:
+        return Path(from_env).expanduser(), f"${CONFIG_ENV}"
+    if SYSTEM_CONFIG.is_file():
+        return SYSTEM_CONFIG, "system default"
+    return None, EMBEDDED_DEFAULTS
+
+
+def describe_config_source(path: Path | None, how: str) -> str:
+    """One line for the log: which configuration a command runs with."""
+    if path is None:
+        return f"configuration: {EMBEDDED_DEFAULTS} (no --config, no ${CONFIG_ENV}, no {SYSTEM_CONFIG})"
+    return f"configuration: {path} ({how})"
+
+
 def _default_risk() -> "RiskPolicy":
     from pipelines.clinical.risk import RiskPolicy
 
@@ -534,6 +588,7 @@ def load_config(path: Path | str | None) -> NodeConfig:
 
 
 __all__ = [
-    "ConfigError", "Destination", "NodeConfig", "RESULT_TYPES", "TRANSFER_SYNTAXES", "load_config", "result_type",
-    "validate_ae_title",
+    "CONFIG_ENV", "ConfigError", "Destination", "EMBEDDED_DEFAULTS", "MODELS_ENV", "NodeConfig", "RESULT_TYPES",
+    "SYSTEM_CONFIG", "TRANSFER_SYNTAXES", "default_models_dir", "describe_config_source", "find_config",
+    "load_config", "result_type", "validate_ae_title",
 ]

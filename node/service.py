@@ -1,181 +1,41 @@
 """The node process: listener, series completion, processing and sending.
 
 Each role is its own loop around the state store (mercure's shape): the
-listener records instances, the assembler turns quiet series into jobs, the
-worker runs the pipeline and fills the outbox, the sender empties it. All
-state is in SQLite, so a restart picks up exactly where the last process
-stopped.
+listener records instances (:mod:`node.receive`), the worker turns quiet series
+into jobs, runs the pipeline and fills the outbox (:mod:`node.work`), the sender
+empties it (:mod:`node.send`), retention deletes what has expired
+(:mod:`node.store.retention`). All state is in SQLite, so a restart picks up
+exactly where the last process stopped. :class:`Node` assembles the roles,
+applies a reload and shuts them down in order.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
-import time
-from io import BytesIO
-from pathlib import Path
+from typing import Any
 
-from pydicom.dataset import Dataset
-
+from node import __version__
 from node.config import NodeConfig
-from node.receive.intake import Intake, read_header
+from node.http.server import HttpServer, create_app, metrics_route, status_hint_routes
+from node.receive.intake import Intake
 from node.receive.listener import DicomServer
 from node.send.sender import Sender
-from node.receive.stow import HttpServer, create_app
-from node.store.spool import Spool, check_uid, remove_partials, write_durably
-from node.store.state import DONE, FAILED, REJECTED, StateStore
-from pipelines.analysis import ResultLabelling, SeriesAnalyzer, SeriesResult
-from pipelines.errors import PacsAiError, SeriesRejected
-from pipelines.model.bundle import ModelBundle
-from pipelines.rules.ruleset import RuleSet, screen_series
-from pipelines.volume.ct import load_series
+from node.store.recovery import adopt_unrecorded
+from node.store.retention import RETENTION_INTERVAL_S, apply_retention
+from node.store.spool import Spool, remove_partials
+from node.store.state import StateStore
+from node.work.results import build_analyzer
+from node.work.worker import Worker
+from pipelines.rules.ruleset import RuleSet
 
 LOG = logging.getLogger(__name__)
 
-#: How often the loops look for work when nothing woke them.
+#: How often the main loop looks for a pending reload.
 POLL_SECONDS = 0.5
 #: How long a clean shutdown waits for associations in progress.
 ASSOCIATION_DRAIN_SECONDS = 30.0
-
-
-def software_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("pacs-ai-node")
-    except PackageNotFoundError:
-        return "0+unknown"
-
-
-def build_analyzer(config: NodeConfig) -> SeriesAnalyzer:
-    """Load every enabled model bundle once (hashes checked, sessions warm) and wrap them for analysis."""
-    bundles = [
-        ModelBundle(folder, require_gpu=config.require_gpu, tensorrt_cache_dir=config.data_dir / "tensorrt-cache")
-        for folder in config.model_dirs
-    ]
-    labelling = ResultLabelling(research_notice=config.research_notice, software_version=software_version(),
-                                risk=config.risk, seg_type=config.seg_type, key_image_type=config.key_image_type)
-    return SeriesAnalyzer(bundles, labelling)
-
-
-def encode_dataset(ds: Dataset) -> bytes:
-    """A dataset as PS3.10 file bytes."""
-    buffer = BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
-
-
-def write_results(result: SeriesResult, results_dir: Path) -> list[tuple[Dataset, Path]]:
-    """Write each result object durably under results/<study>/<series>/; returns (dataset, path)."""
-    written = []
-    for ds in result.objects:
-        path = (
-            results_dir
-            / check_uid(ds.StudyInstanceUID, "Study Instance UID")
-            / check_uid(ds.SeriesInstanceUID, "Series Instance UID")
-            / f"{check_uid(ds.SOPInstanceUID, 'SOP Instance UID')}.dcm"
-        )
-        write_durably(path, encode_dataset(ds))
-        written.append((ds, path))
-    return written
-
-
-def previous_reports(results: str | None) -> list[Dataset]:
-    """The SR(s) of the last result version of a series (to be superseded), read from the results dir."""
-    import pydicom
-
-    if not results:
-        return []
-    out = []
-    for item in json.loads(results):
-        if item.get("modality") == "SR":
-            try:
-                out.append(pydicom.dcmread(item["path"]))
-            except (OSError, ValueError) as exc:
-                LOG.warning("previous result %s cannot be read (%s); the new version will not reference it",
-                            item["path"], exc)
-    return out
-
-
-def adopt_unrecorded(spool: Spool, state: StateStore, quarantine: Path | None = None) -> int:
-    """Record spooled files that have no row; move aside those that are incomplete.
-
-    A file without a row is either one whose row a power cut took away after
-    its fsyncs (complete; its sender may hold a success status: it must not
-    be forgotten), or one that was renamed into place but not yet flushed
-    when the power went (never acknowledged; possibly incomplete). Each is
-    read in full and its pixel data decoded: complete ones are recorded,
-    others go to ``quarantine`` (never deleted) with a log line.
-    """
-    import pydicom
-
-    known = state.known_paths()
-    adopted = 0
-    for path in spool.files():
-        if str(path) in known:
-            continue
-        try:
-            ds = pydicom.dcmread(path)
-            header = read_header(ds)
-            ds.pixel_array  # noqa: B018 - decoding everything is the completeness check
-        except Exception as exc:
-            if quarantine is None:
-                LOG.error("spooled file %s is incomplete or unreadable (%s); left in place", path, exc)
-                continue
-            target = quarantine / path.relative_to(spool.root)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(path, target)
-            LOG.error("spooled file %s is incomplete or unreadable (%s); moved to %s", path, exc, target)
-            continue
-        state.record_instance(header, path=str(path), size=path.stat().st_size, calling_ae="(recovered)")
-        adopted += 1
-    return adopted
-
-
-#: How often retention looks for expired data, in seconds.
-RETENTION_INTERVAL_S = 600.0
-DAY_S = 86400.0
-
-
-def apply_retention(config: NodeConfig, state: StateStore, now: float | None = None) -> tuple[int, int]:
-    """Delete received instances of series finished ``retain_input_days`` ago, and result files
-    delivered to every destination ``retain_results_days`` ago; returns (instances, results) deleted.
-
-    Results with any pending or dead delivery are never deleted. A setting of 0 keeps that data forever.
-    """
-    now = time.time() if now is None else now
-    instances = results = 0
-    if config.retain_input_days > 0:
-        for series_uid, paths in state.expired_inputs(now - config.retain_input_days * DAY_S):
-            for path in paths:
-                instances += _unlink(Path(path), stop_at=config.spool_dir)
-            state.mark_input_purged(series_uid, now)
-            LOG.info("retention: deleted %d received instances of series %s", len(paths), series_uid)
-    if config.retain_results_days > 0:
-        for path in state.delivered_results(now - config.retain_results_days * DAY_S):
-            results += _unlink(Path(path), stop_at=config.results_dir)
-            state.forget_delivered(path)
-    if results:
-        LOG.info("retention: deleted %d delivered result files", results)
-    return instances, results
-
-
-def _unlink(path: Path, stop_at: Path) -> int:
-    """Delete one file and the folders it leaves empty, up to ``stop_at``; 1 if the file existed."""
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        return 0
-    parent = path.parent
-    while parent != stop_at and stop_at in parent.parents:
-        try:
-            parent.rmdir()
-        except OSError:  # not empty (or gone)
-            break
-        parent = parent.parent
-    return 1
 
 
 class Node:
@@ -200,7 +60,7 @@ class Node:
         from node.observe.audit import AuditTrail
         from node.observe.metrics import NodeMetrics, store_counts
 
-        self.metrics = NodeMetrics(config.data_dir, store_counts(self.state), version=software_version())
+        self.metrics = NodeMetrics(config.data_dir, store_counts(self.state), version=__version__)
         self.audit = AuditTrail(config.data_dir, config.ae_title, syslog=config.audit_syslog_address,
                                 include_patient_identity=config.audit_patient_identity)
         self.intake = Intake(config, self.spool, self.state, on_queued=self._wake_worker.set)
@@ -215,8 +75,6 @@ class Node:
             app = create_app(self.intake, max_request_bytes=config.stow_max_request_mb * 2**20,
                              credentials=credentials)
             if config.metrics_endpoint:
-                from node.observe.metrics import metrics_route
-
                 app.router.routes.append(metrics_route(self.metrics))
             if config.status_page_enabled:
                 from node.http.status import describe_bundle, status_routes
@@ -226,9 +84,13 @@ class Node:
                     models=lambda: [describe_bundle(b) for b in self.analyzer.bundles],
                     audit=self._admin_action,
                 ))
+            else:  # a newcomer who opens /status learns why it is off and how to turn it on
+                app.router.routes.extend(status_hint_routes())
             self.http = HttpServer(app, config.http_bind_address, config.http_port,
                                    ssl_context=config.server_ssl_context(False) if config.http_tls else None)
         self.sender = Sender(config, self.state, metrics=self.metrics, audit=self.audit)
+        self.worker = Worker(config, self.state, self.analyzer, self.rules, metrics=self.metrics,
+                             on_results=self._wake_sender.set)
         self._threads: list[threading.Thread] = []
         self._pending_reload: NodeConfig | None = None
 
@@ -260,6 +122,7 @@ class Node:
         self.sender.reconfigure(config)  # validates destinations first: a bad one changes nothing
         self.rules = rules
         self.config = config
+        self.worker.rules, self.worker.config = rules, config  # from the next series on
         self.intake.config = config
         for listener in self.listeners:
             listener.config = config  # new associations only
@@ -285,16 +148,18 @@ class Node:
             LOG.warning("configuration reload: %s changed but only take effect after a restart",
                         ", ".join(restart))
 
-    def _admin_action(self, what: str, detail: dict) -> None:
+    def _admin_action(self, what: str, detail: dict[str, Any]) -> None:
         LOG.info("%s: %s", what, json.dumps(detail, default=str, sort_keys=True))
         self.audit.record_admin(what, detail)
 
     def request_stop(self) -> None:
+        """Ask :meth:`run` to shut down (called from the SIGTERM/SIGINT handler)."""
         self._stop.set()
         self._wake_sender.set()
         self._wake_worker.set()
 
     def run(self) -> None:
+        """Start every role, then apply reloads until :meth:`request_stop`; shuts down in order."""
         requeued = self.state.requeue_interrupted()
         if requeued:
             LOG.info("%d series interrupted by the last shutdown are queued again", len(requeued))
@@ -318,8 +183,12 @@ class Node:
                          self.config.http_bind_address, self.http.port,
                          "" if self.config.http_username else " (read-only: set http_username/http_password "
                          "to allow retry, purge and C-ECHO)")
+            else:
+                LOG.info("status pages off (HTTP is not on loopback and [status] status_page is not \"on\"); "
+                         "GET /status says how to turn them on")
         self._threads = [
-            threading.Thread(target=self._work_loop, name="worker", daemon=True),
+            threading.Thread(target=self.worker.run, args=(self._stop, self._wake_worker), name="worker",
+                             daemon=True),
             threading.Thread(target=self._send_loop, name="sender", daemon=True),
             threading.Thread(target=self._retention_loop, name="retention", daemon=True),
         ]
@@ -356,116 +225,6 @@ class Node:
         self.audit.application_activity(False)
         self.audit.close()
         LOG.info("stopped")
-
-    # -- worker ---------------------------------------------------------------
-
-    def _work_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                for uid in self.state.queue_quiet_series(self.config.series_quiet_seconds):
-                    LOG.info("series %s complete (quiet for %.1f s), queued", uid, self.config.series_quiet_seconds)
-                row = self.state.claim_next_series()
-            except Exception:  # the state store must not kill the loop (e.g. locked database)
-                LOG.exception("worker could not read the state store")
-                self._stop.wait(POLL_SECONDS)
-                continue
-            if row is None:
-                self._wake_worker.wait(POLL_SECONDS)
-                self._wake_worker.clear()
-                continue
-            try:
-                self.process_series(row.series_uid, row.updated_at)
-            except Exception as exc:  # e.g. the state store failed: the series must not stay claimed
-                LOG.exception("worker error on series %s", row.series_uid)
-                try:
-                    self.state.finish_series(row.series_uid, FAILED, f"internal error: {type(exc).__name__}: {exc}",
-                                             row.updated_at)
-                except Exception:  # requeue_interrupted picks it up at the next start
-                    LOG.exception("series %s stays in processing until the next start", row.series_uid)
-                self._stop.wait(POLL_SECONDS)
-
-    def process_series(self, series_uid: str, claimed_at: float) -> str:
-        """Analyse one claimed series, store and queue its results; returns the final state."""
-        paths = self.state.series_instances(series_uid)
-        started = time.perf_counter()
-        row = self.state.get_series(series_uid)
-        version = (row.version if row else 0) + 1
-        rule_ids: list[str] = []
-        try:
-            decision = screen_series([Path(p) for p in paths], self.rules)
-            if not decision.eligible:
-                rule_ids = [f.rule_id for f in decision.failures]
-                raise SeriesRejected("; ".join(decision.reasons))
-            volume = load_series(paths)
-            loaded = time.perf_counter()
-            previous = previous_reports(row.results if row else None)
-            result = self.analyzer.analyse(volume, version=version, previous_reports=previous)
-            analysed = time.perf_counter()
-            written = write_results(result, self.config.results_dir)
-        except SeriesRejected as exc:
-            final = self.state.finish_series(series_uid, REJECTED, exc.reason, claimed_at)
-            LOG.info("series %s%s rejected: %s", series_uid, self._patient(paths), exc.reason)
-            self._count_finished(final, exc.reason, rule_ids or ["geometry"])
-            return final
-        except PacsAiError as exc:
-            final = self.state.finish_series(series_uid, FAILED, str(exc), claimed_at)
-            LOG.error("series %s%s failed: %s", series_uid, self._patient(paths), exc)
-            self._count_finished(final)
-            return final
-        except Exception as exc:  # a bug must fail one series, not the node
-            LOG.exception("series %s failed with an internal error", series_uid)
-            final = self.state.finish_series(series_uid, FAILED, f"internal error: {type(exc).__name__}: {exc}",
-                                             claimed_at)
-            self._count_finished(final)
-            return final
-        destinations = [str(d) for d in self.config.destinations]
-        self.state.record_results(
-            series_uid,
-            version,
-            json.dumps([{"modality": str(ds.Modality), "path": str(path)} for ds, path in written]),
-            [(str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(path),
-              [str(d) for d in self.config.destinations if d.wants(str(ds.Modality), str(ds.SOPClassUID))])
-             for ds, path in written],
-        )
-        summary = "; ".join(result.summary)
-        if version > 1:
-            summary = f"version {version} (supersedes {version - 1}): {summary}"
-        stages = {"screen and load": round(loaded - started, 3),
-                  **{k: round(v, 3) for k, v in result.timings.items()},
-                  "write results": round(time.perf_counter() - analysed, 3)}
-        final = self.state.finish_series(series_uid, DONE, summary, claimed_at, timings=json.dumps(stages))
-        self._count_finished(final)
-        self.metrics.stage_timings(result.timings)
-        LOG.info(
-            "series %s processed in %.2f s (%s): %s; %d objects queued for %d destinations",
-            series_uid,
-            time.perf_counter() - started,
-            ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items()),
-            summary,
-            len(written),
-            len(destinations),
-        )
-        self._wake_sender.set()
-        return final
-
-    def _patient(self, paths: list[str]) -> str:
-        """`` (patient NAME (ID))`` for a log line when the site enabled log_patient_identity, else ""."""
-        if not self.config.log_patient_identity or not paths:
-            return ""
-        import pydicom
-
-        from node.observe.logs import patient_text
-
-        try:
-            ds = pydicom.dcmread(paths[0], stop_before_pixels=True, specific_tags=["PatientName", "PatientID"])
-        except (OSError, ValueError):
-            return ""
-        text = patient_text(ds, True)
-        return f" ({text})" if text else ""
-
-    def _count_finished(self, final: str, reason: str | None = None, rules: list[str] | None = None) -> None:
-        if final in (DONE, REJECTED, FAILED):  # not when new instances sent the series back to receiving
-            self.metrics.series_finished(final, reason, rules=rules)
 
     # -- retention ------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Soak: the crash scenario of tests/test_crash.py for as many rounds as asked.
+"""Soak: the crash scenario of tests/system/test_crash.py for as many rounds as asked.
 
     python tests/soak_crash.py --rounds 200 --seed 7 --slices 40
 
@@ -20,8 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from conftest import Orthanc, free_port  # noqa: E402
-from crashkit import CrashRig, finish_soak, play, verify  # noqa: E402
+from support.crashkit import CrashRig, finish_soak, play, verify  # noqa: E402
+from support.orthanc import Orthanc  # noqa: E402
+from support.processes import free_port  # noqa: E402
 
 
 def main() -> int:

@@ -1,4 +1,4 @@
-"""Soak: the PACS outage of tests/test_outage.py, longer and with more series.
+"""Soak: the PACS outage of tests/system/test_outage.py, longer and with more series.
 
     python tests/soak_outage.py --outage-seconds 600 --series 10
 
@@ -25,9 +25,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from conftest import NodeProcess, Orthanc, free_port  # noqa: E402
-from crashkit import finish_soak  # noqa: E402
-from test_outage import outage_scenario  # noqa: E402
+from support.crashkit import finish_soak  # noqa: E402
+from support.node import NodeProcess  # noqa: E402
+from support.orthanc import Orthanc  # noqa: E402
+from support.outage import outage_scenario  # noqa: E402
+from support.processes import free_port  # noqa: E402
 
 
 def main() -> int:

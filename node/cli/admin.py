@@ -31,20 +31,17 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import shutil
-import socket
 import ssl
 import sys
 import tempfile
-import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import TextIO, TypeVar
 
 from node.config import DICOMWEB, ConfigError, Destination, NodeConfig, load_config
-from node.send.sender import dicomweb_session
+from node.send.connect import dicomweb_session, host_port
+from node.send.probe import PeerResult, echo_destination, peer_address, probe_peers, query_dicomweb
 
 EXIT_OK = 0
 EXIT_PEER_FAILED = 1
@@ -54,7 +51,10 @@ DEFAULT_PEER_TIMEOUT_S = 5.0
 _WILDCARD_ADDRESSES = ("", "0.0.0.0", "::")
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+_Parser = TypeVar("_Parser", bound=argparse.ArgumentParser)
+
+
+def add_parser(subparsers: argparse._SubParsersAction[_Parser]) -> None:
     """Register ``config check`` and ``peers test`` on the node's top-level subparsers."""
     config = subparsers.add_parser("config", help="the node's configuration file")
     config_sub = config.add_subparsers(dest="config_command", required=True)
@@ -172,7 +172,7 @@ def _tls_problems(config: NodeConfig) -> list[str]:
 
 def _destination_problems(config: NodeConfig, warnings: list[str]) -> list[str]:
     """What the sender checks at start: credentials from the environment and TLS files that load."""
-    from node.send.sender import client_ssl_context
+    from node.send.connect import client_ssl_context
 
     problems = []
     for i, destination in enumerate(config.destinations):
@@ -280,14 +280,14 @@ def _data_dir_problems(config: NodeConfig, warnings: list[str]) -> list[str]:
 def _summary(path: Path, report: ConfigReport) -> list[str]:
     config = report.config
     assert config is not None
-    dicom = f"AE title {config.ae_title}, DICOM {_address(config.bind_address, config.port)}"
+    dicom = f"AE title {config.ae_title}, DICOM {host_port(config.bind_address, config.port)}"
     if config.tls_port:
-        dicom += f", DICOM TLS {_address(config.bind_address, config.tls_port)}" + (
+        dicom += f", DICOM TLS {host_port(config.bind_address, config.tls_port)}" + (
             " (client certificate required)" if config.tls_require_client_cert else "")
     callers = ", ".join(config.allowed_calling_ae_titles) or "any calling AE title"
     if config.http_port:
         scheme = "https" if config.http_tls else "http"
-        http = (f"STOW-RS {scheme}://{_address(config.http_bind_address, config.http_port)}/studies, "
+        http = (f"STOW-RS {scheme}://{host_port(config.http_bind_address, config.http_port)}/studies, "
                 + ("basic authentication" if config.http_username else "no authentication"))
     else:
         http = "no HTTP port"
@@ -323,14 +323,10 @@ def _kept(days: float, after: str) -> str:
     return "kept forever" if days == 0 else f"deleted {days:g} days after {after}"
 
 
-def _address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def _where(destination: Destination) -> str:
     if destination.kind == DICOMWEB:
         return f"dicomweb {destination.url}"
-    where = f"dicom {destination.ae_title}@{_address(destination.host, destination.port)}"
+    where = f"dicom {destination.ae_title}@{host_port(destination.host, destination.port)}"
     return where + (", TLS" if destination.tls else "")
 
 
@@ -354,179 +350,10 @@ def cmd_config_check(args: argparse.Namespace, out: TextIO | None = None, err: T
 # -- peers test ---------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class PeerResult:
-    """The answer of one destination: ``result`` is the status or HTTP code, ``error`` why it failed."""
-
-    destination: Destination
-    ok: bool
-    result: str
-    rtt_ms: float | None = None
-    error: str = ""
-
-
-def echo_destination(destination: Destination, config: NodeConfig, timeout: float) -> PeerResult:
-    """C-ECHO (PS3.7 9.1.5) a DICOM destination with the node's AE title, over TLS when configured.
-
-    Unlike :func:`node.send.sender.echo` this speaks TLS and says why there was no
-    association (refused connection, timeout, rejection with its PS3.8 reason).
-    """
-    from pynetdicom import AE, evt
-    from pynetdicom.sop_class import Verification
-
-    from node.send.sender import client_ssl_context, set_tcp_nodelay
-
-    try:
-        tls = client_ssl_context(destination) if destination.tls else None
-    except (OSError, ssl.SSLError) as exc:
-        return PeerResult(destination, False, "not tried", error=f"TLS files cannot be loaded: {exc}")
-    ae = AE(ae_title=config.ae_title)
-    ae.connection_timeout = timeout
-    ae.acse_timeout = timeout
-    ae.dimse_timeout = timeout
-    ae.network_timeout = timeout
-    ae.maximum_pdu_size = config.max_pdu_size
-    ae.add_requested_context(Verification)
-    seen: dict[str, str] = {}
-
-    def on_open(event: evt.Event) -> None:
-        seen["connected"] = "yes"
-        set_tcp_nodelay(event)
-
-    def on_acse(event: evt.Event) -> None:
-        primitive = event.primitive
-        if getattr(primitive, "result", None) in (0x01, 0x02):  # A-ASSOCIATE-RJ, PS3.8 9.3.4
-            lasting = "permanent" if primitive.result == 0x01 else "transient"
-            seen["rejected"] = f"by the {primitive.source_str.lower()} ({lasting}): {primitive.reason_str}"
-
-    start = time.perf_counter()
-    try:
-        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
-                             evt_handlers=[(evt.EVT_CONN_OPEN, on_open), (evt.EVT_ACSE_RECV, on_acse)],
-                             tls_args=(tls, destination.host) if tls is not None else None)
-    except socket.gaierror as exc:  # raised before any connection attempt
-        return PeerResult(destination, False, "no association", error=f"cannot resolve {destination.host}: {exc}")
-    elapsed = time.perf_counter() - start
-    if not assoc.is_established:
-        if "rejected" in seen:
-            return PeerResult(destination, False, "rejected", error=f"association rejected {seen['rejected']}")
-        if "connected" not in seen:
-            return PeerResult(destination, False, "no association",
-                              error=_connect_error(destination.host, destination.port, tls, timeout, elapsed))
-        if elapsed >= 0.9 * timeout:
-            return PeerResult(destination, False, "no association",
-                              error=f"no answer to the association request within {timeout:g} s")
-        return PeerResult(destination, False, "aborted", error="the peer closed the connection before accepting the "
-                          "association" + (" (TLS: does it accept the client certificate?)" if tls else ""))
-    try:
-        if not assoc.accepted_contexts:
-            return PeerResult(destination, False, "no Verification",
-                              error="the peer accepted the association but not the Verification SOP class")
-        start = time.perf_counter()
-        status = assoc.send_c_echo()
-        rtt_ms = (time.perf_counter() - start) * 1000
-        if not status or "Status" not in status:
-            return PeerResult(destination, False, "no response",
-                              error=f"no C-ECHO response within {timeout:g} s (or the association was aborted)")
-        code = int(status.Status)
-        return PeerResult(destination, code == 0, f"C-ECHO 0x{code:04X}", rtt_ms,
-                          "" if code == 0 else "C-ECHO status is not success")
-    finally:
-        if assoc.is_established:
-            assoc.release()
-
-
-def _connect_error(host: str, port: int, tls: ssl.SSLContext | None, timeout: float, elapsed: float) -> str:
-    """Why no connection was made (pynetdicom logs it but does not return it): a second, plain attempt tells."""
-    where = _address(host, port)
-    if elapsed >= 0.9 * timeout:
-        return f"cannot connect to {where}: no answer within {timeout:g} s"
-    try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
-            if tls is not None:
-                with tls.wrap_socket(sock, server_hostname=host):
-                    pass
-    except OSError as exc:  # ssl.SSLError included: certificate problems are named
-        return f"cannot connect to {where}: {_without_source_line(str(exc))}"
-    return f"cannot connect to {where} (a second attempt could)"
-
-
-def _without_source_line(text: str) -> str:
-    """An OpenSSL message without its ``(_ssl.c:1006)`` suffix."""
-    return re.sub(r"\s*\(_ssl\.c:\d+\)?", "", text).strip()
-
-
-def query_dicomweb(destination: Destination, timeout: float) -> PeerResult:
-    """QIDO-RS ``GET {url}/studies?limit=1`` (PS3.18 10.6) with the destination's credentials.
-
-    Only the status line counts; the body of a success (a study, so patient
-    names) is never read.
-    """
-    import requests
-
-    try:
-        session = dicomweb_session(destination)
-    except ConfigError as exc:
-        return PeerResult(destination, False, "not tried", error=str(exc))
-    url = f"{destination.url.rstrip('/')}/studies"
-    start = time.perf_counter()
-    try:
-        with session, session.get(url, params={"limit": "1"}, timeout=(timeout, timeout), stream=True,
-                                  allow_redirects=False) as response:
-            rtt_ms = (time.perf_counter() - start) * 1000
-            result = f"HTTP {response.status_code}"
-            if response.status_code in (200, 204):
-                return PeerResult(destination, True, result, rtt_ms)
-            if response.status_code in (401, 403):
-                error = "authentication refused (check username and password, or the bearer token)"
-            else:
-                detail = next(response.iter_content(120), b"").decode("utf-8", "replace").strip()
-                error = f"QIDO-RS refused: {response.reason}" + (f": {' '.join(detail.split())}" if detail else "")
-            return PeerResult(destination, False, result, rtt_ms, error)
-    except requests.Timeout:
-        return PeerResult(destination, False, "no answer", error=f"no answer from {url} within {timeout:g} s")
-    except (requests.RequestException, OSError) as exc:
-        return PeerResult(destination, False, "no answer", error=_request_error(url, exc))
-
-
-def _request_error(url: str, exc: Exception) -> str:
-    """The reason inside a requests error, without urllib3's retry wrapping."""
-    text = str(exc)
-    for pattern in (r"\[Errno -?\d+\][^'\")]*", r"\[SSL[^\]]*\][^'\")]*", r"certificate verify failed[^'\")]*"):
-        match = re.search(pattern, text)
-        if match:
-            return f"cannot connect to {url}: {_without_source_line(match.group(0))}"
-    return f"{type(exc).__name__}: {text[:200]}"
-
-
-def probe_peers(config: NodeConfig, timeout: float) -> list[PeerResult]:
-    """Test every destination at once; results in the config's order."""
-
-    def one(destination: Destination) -> PeerResult:
-        try:
-            if destination.kind == DICOMWEB:
-                return query_dicomweb(destination, timeout)
-            return echo_destination(destination, config, timeout)
-        except Exception as exc:  # one odd peer must not hide the others' answers
-            return PeerResult(destination, False, "error", error=f"{type(exc).__name__}: {exc}")
-
-    if not config.destinations:
-        return []
-    with ThreadPoolExecutor(max_workers=min(8, len(config.destinations))) as pool:
-        return list(pool.map(one, config.destinations))
-
-
-def _address_of(destination: Destination) -> str:
-    if destination.kind == DICOMWEB:
-        return destination.url
-    address = f"{destination.ae_title}@{_address(destination.host, destination.port)}"
-    return address + (" TLS" if destination.tls else "")
-
-
 def format_peer_table(results: list[PeerResult]) -> list[str]:
     """One row per destination: name, kind, address, result, round trip (ms), error."""
     header = ("name", "kind", "address", "result", "rtt ms", "error")
-    rows = [(str(r.destination), r.destination.kind, _address_of(r.destination), r.result,
+    rows = [(str(r.destination), r.destination.kind, peer_address(r.destination), r.result,
              f"{r.rtt_ms:.1f}" if r.rtt_ms is not None else "-", r.error) for r in results]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(5)]
     lines = []

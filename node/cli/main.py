@@ -4,9 +4,16 @@
                        [--send-to AET@HOST:PORT ...] [--quiet-seconds S]
     pacs-ai-node process INPUT_DIR --output DIR
     pacs-ai-node echo AET@HOST:PORT
+    pacs-ai-node demo [--to AET@HOST:PORT] [--http-url URL] [--timeout S]
     pacs-ai-node series list
     pacs-ai-node rules check DIR_OR_FILES... [--rules FILE]
     pacs-ai-node outbox list|retry|purge ...
+    pacs-ai-node --version
+
+Every command and subcommand also takes ``-v/--verbose`` (repeatable: INFO, then DEBUG) and
+``--log-level LEVEL``, which override the config's ``log_level``. A command's ``--config`` defaults
+to ``$PACS_AI_NODE_CONFIG``, then ``/etc/pacs-ai-node/node.toml`` when it exists, else the
+embedded defaults (:func:`node.config.find_config`).
 """
 
 from __future__ import annotations
@@ -18,12 +25,24 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
-from node.config import ConfigError, Destination, NodeConfig, load_config, result_type
-from pipelines.errors import PacsAiError, SeriesRejected
+from node import __version__
+from node.config import (
+    ConfigError,
+    Destination,
+    NodeConfig,
+    describe_config_source,
+    find_config,
+    load_config,
+    result_type,
+)
+from pipelines.errors import PacsAiError
 
 LOG = logging.getLogger("node")
+
+#: Log levels ``--log-level`` takes (those of the config's ``log_level``).
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 def setup_logging(level: str, json: bool = False) -> None:
@@ -44,6 +63,7 @@ def _config_from_args(args: argparse.Namespace) -> NodeConfig:
         "series_quiet_seconds": getattr(args, "quiet_seconds", None),
         "destinations": tuple(Destination.parse(d) for d in args.send_to) if getattr(args, "send_to", None) else None,
         "enabled_models": _model_names(args.models) if getattr(args, "models", None) else None,
+        "log_level": command_line_log_level(args),
     }
     return config.with_overrides(**overrides)
 
@@ -55,9 +75,22 @@ def _model_names(text: str) -> tuple[str, ...]:
     return names
 
 
+def command_line_log_level(args: argparse.Namespace) -> str | None:
+    """The level ``--log-level`` or ``-v``/``-vv`` asks for (the former wins); None when neither was given."""
+    level: str | None = getattr(args, "log_level", None)
+    if level:
+        return level.upper()
+    verbose: int = getattr(args, "verbose", 0) or 0
+    if verbose:
+        return "INFO" if verbose == 1 else "DEBUG"
+    return None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the node until SIGTERM or SIGINT; SIGHUP reloads the config file with the same flags."""
     config = _config_from_args(args)
     setup_logging(config.log_level, json=config.log_format == "json")
+    LOG.info("%s", getattr(args, "config_source", describe_config_source(args.config, "--config")))
     from node.service import Node  # heavy imports (onnxruntime) only when serving
 
     node = Node(config)
@@ -104,12 +137,16 @@ def _group_by_series(folder: Path) -> tuple[dict[str, list[Path]], list[str]]:
 
 
 def cmd_process(args: argparse.Namespace) -> int:
+    """Run the pipeline on every series of a folder and write the result files to ``--output``."""
     config = _config_from_args(args)
     setup_logging(config.log_level)
+    from pydicom.dataset import Dataset
     from tqdm import tqdm
 
-    from node.service import build_analyzer, encode_dataset
-    from pipelines.volume.ct import load_series
+    from node.work.orchestrate import SeriesRefused, process_instances
+    from node.work.results import build_analyzer, encode_dataset
+    from pipelines.analysis import SeriesResult
+    from pipelines.rules.ruleset import RuleSet
 
     folder = Path(args.input_dir)
     if not folder.is_dir():
@@ -121,7 +158,14 @@ def cmd_process(args: argparse.Namespace) -> int:
     if not groups:
         print(f"error: no DICOM series in {folder}", file=sys.stderr)
         return 1
-    from pipelines.rules.ruleset import RuleSet, screen_series
+
+    def write(result: SeriesResult) -> list[tuple[Dataset, Path]]:
+        written = []
+        for ds in result.objects:
+            path = output / f"{result_type(str(ds.Modality), str(ds.SOPClassUID))}_{ds.SOPInstanceUID}.dcm"
+            path.write_bytes(encode_dataset(ds))
+            written.append((ds, path))
+        return written
 
     rules = RuleSet.load(config.rules_file)
     analyzer = build_analyzer(config)
@@ -130,28 +174,23 @@ def cmd_process(args: argparse.Namespace) -> int:
     with tqdm(total=len(groups) * len(stages), unit="stage", disable=None, file=sys.stderr) as bar:
         for uid, paths in groups.items():
             done_before = bar.n
-            try:
-                bar.set_description(f"series {uid[-12:]} rules")
-                decision = screen_series(paths, rules)
-                if not decision.eligible:
-                    raise SeriesRejected("; ".join(decision.reasons))
-                bar.set_description(f"series {uid[-12:]} load")
-                volume = load_series(paths)
-                bar.update(1)
 
-                def progress(stage: str) -> None:
-                    bar.set_description(f"series {uid[-12:]} {stage}")
+            def progress(stage: str, uid: str = uid) -> None:
+                bar.set_description(f"series {uid[-12:]} {stage}")
+                if stage != "rules":  # each later stage starts as the one before it ends
                     bar.update(1)
 
-                result = analyzer.analyse(volume, progress=progress)
-                for ds in result.objects:
-                    kind = result_type(str(ds.Modality), str(ds.SOPClassUID))
-                    (output / f"{kind}_{ds.SOPInstanceUID}.dcm").write_bytes(encode_dataset(ds))
-                processed += 1
-                summary = "; ".join(result.summary)
-                tqdm.write(f"series {uid}: processed ({summary})", file=sys.stdout)
+            try:
+                outcome = process_instances(paths, rules, analyzer, write, progress=progress)
             except PacsAiError as exc:
                 failures.append(f"series {uid}: {getattr(exc, 'reason', str(exc))}")
+            else:
+                if isinstance(outcome, SeriesRefused):
+                    failures.append(f"series {uid}: {outcome.reason}")
+                else:
+                    processed += 1
+                    summary = "; ".join(outcome.result.summary)
+                    tqdm.write(f"series {uid}: processed ({summary})", file=sys.stdout)
             bar.update(len(stages) - (bar.n - done_before))
     for line in skipped:
         LOG.info("skipped %s", line)
@@ -162,25 +201,29 @@ def cmd_process(args: argparse.Namespace) -> int:
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
+    """C-ECHO one peer and print the status and round-trip time (exit 0 on Success)."""
     config = load_config(args.config)
-    setup_logging("WARNING")
-    from node.send.sender import echo
+    setup_logging(command_line_log_level(args) or "WARNING")
+    from node.send.probe import echo_destination
 
     destination = Destination.parse(args.target, "target")
     if args.calling_ae:
         config = config.with_overrides(ae_title=args.calling_ae)
-    status, setup, rtt = echo(destination, config)
-    if status is None:
-        print(f"C-ECHO {destination}: no association (refused, rejected or unreachable) after {setup * 1000:.1f} ms")
+    result = echo_destination(destination, config, config.send_dimse_timeout_s,
+                              connect_timeout=config.send_connect_timeout_s)
+    setup_ms = result.setup_ms or 0.0
+    if result.status is None:
+        print(f"C-ECHO {destination}: no association (refused, rejected or unreachable) after {setup_ms:.1f} ms")
         return 1
     print(
-        f"C-ECHO {destination}: status 0x{status:04X}, round trip {rtt * 1000:.1f} ms "
-        f"(association set-up {setup * 1000:.1f} ms)"
+        f"C-ECHO {destination}: status 0x{result.status:04X}, round trip {result.rtt_ms or 0.0:.1f} ms "
+        f"(association set-up {setup_ms:.1f} ms)"
     )
-    return 0 if status == 0 else 1
+    return 0 if result.status == 0 else 1
 
 
 def cmd_series_list(args: argparse.Namespace) -> int:
+    """Print each series the state database knows, its state and why it was rejected."""
     config = _config_from_args(args)
     from node.store.state import StateStore
 
@@ -195,8 +238,35 @@ def cmd_series_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _log_level(text: str) -> str:
+    if text.upper() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(LOG_LEVELS)}")
+    return text.upper()
+
+
+class CommandParser(argparse.ArgumentParser):
+    """An argument parser whose every command and subcommand takes ``-v/--verbose`` and ``--log-level``.
+
+    ``add_subparsers`` makes subcommand parsers of the parser's own class, so the options reach
+    subcommands declared in other modules (``node.cli.models``...) without each declaring them.
+    Below the top level their default is SUPPRESS: a subcommand's default would otherwise
+    overwrite ``pacs-ai-node -v serve``'s value (argparse copies subparser defaults last).
+    """
+
+    def __init__(self, *args: Any, top_level: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        group = self.add_argument_group("logging")
+        group.add_argument("-v", "--verbose", action="count", default=0 if top_level else argparse.SUPPRESS,
+                           help="more log output: -v INFO, -vv DEBUG (overrides the config's log_level)")
+        group.add_argument("--log-level", type=_log_level, metavar="LEVEL",
+                           default=None if top_level else argparse.SUPPRESS,
+                           help=f"log level, one of {', '.join(LOG_LEVELS)} (overrides -v and the config's log_level)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pacs-ai-node", description="AI screening node for hospital PACS")
+    """The ``pacs-ai-node`` command line: every command, subcommand and flag."""
+    parser = CommandParser(prog="pacs-ai-node", description="AI screening node for hospital PACS", top_level=True)
+    parser.add_argument("--version", action="version", version=f"pacs-ai-node {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
@@ -234,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     series_list.add_argument("--limit", type=int, default=100)
     series_list.set_defaults(func=cmd_series_list)
 
+    from node.cli import demo as cli_demo
+
+    cli_demo.add_parser(sub)
     from node.cli import rules as cli_rules
 
     cli_rules.add_parser(sub)
@@ -249,10 +322,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _resolve_config(args: argparse.Namespace) -> None:
+    """Fill in ``args.config`` from the config search (``node.config.find_config``) for commands taking
+    ``--config``, and ``args.config_source``, the log line that names what was found."""
+    if not hasattr(args, "config"):
+        return
+    path, how = find_config(args.config)
+    args.config = path
+    args.config_source = describe_config_source(path, how)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``pacs-ai-node`` entry point: parse ``argv``, run the command, return its exit status."""
     args = build_parser().parse_args(argv)
+    _resolve_config(args)
+    level = command_line_log_level(args)
+    if level is not None:
+        # only when asked: without -v/--log-level each command keeps the output it always had
+        setup_logging(level)
+        if hasattr(args, "config_source") and args.func is not cmd_serve:
+            LOG.info("%s", args.config_source)
     try:
-        return args.func(args)
+        result: int = args.func(args)
+        return result
     except (ConfigError, PacsAiError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -64,6 +65,7 @@ def _dry_run(bundle: ModelBundle) -> list[str]:
     lines = []
     for stage in bundle.manifest.stages:
         session = bundle.sessions[stage.artifact]
+        shape: tuple[int, ...] | None
         if stage.task == "classification":
             shape = stage.patch_size
         elif stage.sliding_window is not None:
@@ -208,7 +210,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0 if not report["failed_cases"] else 1
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+_Parser = TypeVar("_Parser", bound=argparse.ArgumentParser)
+
+
+def add_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     models = sub.add_parser("models", help="installed model bundles: list, verify, describe, import, validate")
     models_sub = models.add_subparsers(dest="models_command", required=True)
 

@@ -26,12 +26,10 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import TextIO
-
-from pydicom.uid import UID
+from typing import TextIO, TypeVar
 
 from node.config import load_config
-from node.store.state import DEAD, OUTBOX_STATES, PENDING, SENT, OutboxRow, StateStore
+from node.store.state import DEAD, OUTBOX_STATES, PENDING, SENT, OutboxRow, StateStore, short_class_name
 
 EXIT_DONE = 0
 EXIT_NOTHING = 1
@@ -39,7 +37,10 @@ EXIT_USAGE = 2
 DAY = 24 * 3600.0
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+_Parser = TypeVar("_Parser", bound=argparse.ArgumentParser)
+
+
+def add_parser(subparsers: argparse._SubParsersAction[_Parser]) -> argparse.ArgumentParser:
     """Register ``outbox list|retry|purge`` on the node's top-level subparsers."""
     outbox = subparsers.add_parser("outbox", help="result objects waiting for, sent to or dead at each destination")
     outbox_sub = outbox.add_subparsers(dest="outbox_command", required=True)
@@ -87,12 +88,6 @@ def _open_state(args: argparse.Namespace) -> StateStore | None:
         print(f"no state database at {config.state_path}", file=sys.stderr)
         return None
     return StateStore(config.state_path)
-
-
-def short_class_name(sop_class_uid: str) -> str:
-    """``Segmentation``, ``Comprehensive 3D SR``...: the SOP class name without "Storage"."""
-    name = UID(sop_class_uid).name
-    return name.removesuffix(" Storage") if name != sop_class_uid else sop_class_uid
 
 
 def _when(row: OutboxRow, now: float) -> str:

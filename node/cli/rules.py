@@ -23,7 +23,7 @@ import argparse
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, TextIO
+from typing import Iterable, TextIO, TypeVar
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -55,7 +55,10 @@ class SeriesHeaders:
         return ", ".join(parts)
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+_Parser = TypeVar("_Parser", bound=argparse.ArgumentParser)
+
+
+def add_parser(subparsers: argparse._SubParsersAction[_Parser]) -> argparse.ArgumentParser:
     """Register ``rules check`` on the node's top-level subparsers."""
     rules = subparsers.add_parser("rules", help="eligibility rules: dry-run them on DICOM files")
     rules_sub = rules.add_subparsers(dest="rules_command", required=True)

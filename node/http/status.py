@@ -22,7 +22,7 @@ and nothing here reads a DICOM file.
 Actions (the POSTs) change state, so they need an authenticated admin: when the
 node has no ``[http] http_username/http_password`` they are refused with 403
 and a page that says how to set them (reading stays open, as for STOW-RS).
-With credentials the app-level :class:`node.receive.stow.BasicAuth` protects every
+With credentials the app-level :class:`node.http.server.BasicAuth` protects every
 route and each action checks the credentials again (so that a route list
 mounted without the middleware is not open). Against cross-site request
 forgery every form carries a token, an HMAC of a per-process secret, and an
@@ -58,8 +58,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from node.cli.outbox import short_class_name
-from node.config import DICOM, DICOMWEB, ConfigError, Destination, NodeConfig
+from node.config import DICOM, DICOMWEB, Destination, NodeConfig
 from node.store.state import (
     DEAD,
     DONE,
@@ -74,7 +73,9 @@ from node.store.state import (
     OutboxRow,
     SeriesRow,
     StateStore,
+    short_class_name,
 )
+from node.send.probe import PeerResult, echo_destination, peer_text, query_dicomweb
 
 if TYPE_CHECKING:
     from pipelines.model.bundle import ModelBundle
@@ -101,9 +102,9 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-store",
 }
 
-EchoFunction = Callable[[Destination], tuple]
-AuditFunction = Callable[[str, dict], None]
-ModelsFunction = Callable[[], list[dict]]
+EchoFunction = Callable[[Destination], PeerResult]
+AuditFunction = Callable[[str, dict[str, Any]], None]
+ModelsFunction = Callable[[], list[dict[str, Any]]]
 
 
 def describe_bundle(bundle: "ModelBundle") -> dict[str, Any]:
@@ -284,50 +285,6 @@ def destination_auth(destination: Destination) -> str:
     return "none"
 
 
-def check_dicomweb(destination: Destination, timeout_s: float) -> tuple[bool, str]:
-    """QIDO-RS ``GET {url}/studies?limit=1`` with the destination's credentials and TLS settings.
-
-    Only the status line is used: the body (patient names) is never read.
-    """
-    import requests
-
-    from node.send.sender import dicomweb_session
-
-    try:
-        session = dicomweb_session(destination)
-    except ConfigError as exc:
-        return False, f"credentials: {exc}"
-    url = f"{destination.url.rstrip('/')}/studies"
-    start = time.perf_counter()
-    try:
-        with session.get(url, params={"limit": "1"}, headers={"Accept": "application/dicom+json"},
-                         timeout=timeout_s, stream=True, allow_redirects=False) as response:
-            rtt_ms = (time.perf_counter() - start) * 1000
-            ok = response.status_code in (200, 204)
-            return ok, f"QIDO-RS HTTP {response.status_code} {response.reason}, round trip {rtt_ms:.1f} ms"
-    except requests.RequestException as exc:
-        return False, f"QIDO-RS failed after {(time.perf_counter() - start) * 1000:.0f} ms: {type(exc).__name__}: {exc}"
-    finally:
-        session.close()
-
-
-def echo_text(result: object) -> tuple[bool, str]:
-    """(ok, text) from a :class:`node.cli.admin.PeerResult`, or from ``node.send.sender.echo``'s
-    (status or None, set-up s, round trip s)."""
-    if hasattr(result, "ok") and hasattr(result, "result"):
-        rtt = getattr(result, "rtt_ms", None)
-        text = f"{result.result}" + (f", round trip {rtt:.1f} ms" if isinstance(rtt, (int, float)) else "")
-        error = getattr(result, "error", "")
-        return bool(result.ok), text + (f": {error}" if error else "")
-    status, setup_s, rtt_s = (tuple(result) + (None, None, None))[:3]
-    setup = f"association set-up {setup_s * 1000:.1f} ms" if isinstance(setup_s, (int, float)) else ""
-    if status is None:
-        return False, f"C-ECHO: no association (refused or unreachable){', ' + setup if setup else ''}"
-    rtt = f"round trip {rtt_s * 1000:.1f} ms" if isinstance(rtt_s, (int, float)) else ""
-    detail = ", ".join(p for p in (rtt, setup) if p)
-    return status == 0, f"C-ECHO status 0x{int(status):04X}{' (success)' if status == 0 else ''}, {detail}"
-
-
 class StatusPages:
     """The ``/status`` pages of one node process: state, config and the injected callables."""
 
@@ -367,10 +324,8 @@ class StatusPages:
         self.templates.filters.update(clock=clock, ago=ago, human_bytes=human_bytes,
                                       class_name=short_class_name, uid_breaks=uid_breaks)
 
-    def _sender_echo(self, destination: Destination) -> object:
+    def _sender_echo(self, destination: Destination) -> PeerResult:
         # The same check as `pacs-ai-node peers test`: TLS where configured, and the reason for a refusal.
-        from node.cli.admin import echo_destination
-
         return echo_destination(destination, self.config, self.config.send_connect_timeout_s)
 
     @property
@@ -524,7 +479,7 @@ class StatusPages:
 
     def models_page(self, request: Request) -> Response:
         error = None
-        bundles: list[dict] = []
+        bundles: list[dict[str, Any]] = []
         if self.models is not None:
             try:
                 bundles = list(self.models())
@@ -536,20 +491,20 @@ class StatusPages:
 
     # -- actions ----------------------------------------------------------------
 
-    async def _authorise(self, request: Request) -> tuple[dict[str, Any] | None, Response | None]:
+    async def _authorise(self, request: Request) -> dict[str, Any] | Response:
         """The submitted form when the POST may act; otherwise the refusal to send."""
         client = request.client.host if request.client else "?"
         if self._credentials is None:
             LOG.warning("status action %s from %s refused: no http_username/http_password configured",
                         request.url.path, client)
-            return None, self._message(request, 403, "Actions need credentials", no_credentials=True,
+            return self._message(request, 403, "Actions need credentials", no_credentials=True,
                                        text="This node has no HTTP credentials, so its status pages are "
                                             "read-only: anyone who can reach the port could otherwise "
                                             "change the outbox.")
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "basic" or not hmac.compare_digest(token.strip(), self._credentials):
             LOG.warning("status action %s from %s refused: no or wrong credentials", request.url.path, client)
-            return None, Response("authentication required\n", status_code=401, media_type="text/plain",
+            return Response("authentication required\n", status_code=401, media_type="text/plain",
                                   headers={"WWW-Authenticate": 'Basic realm="pacs-ai-node"'})
         host = request.headers.get("host", "")
         origin = request.headers.get("origin")
@@ -558,17 +513,17 @@ class StatusPages:
         if source is not None and (source == "null" or urlsplit(source).netloc.rpartition("@")[2] != host):
             LOG.warning("status action %s from %s refused: %s %r is not this host %r", request.url.path, client,
                         "Origin" if origin is not None else "Referer", source, host)
-            return None, self._message(request, 403, "Request from another site refused",
+            return self._message(request, 403, "Request from another site refused",
                                        text="The form was submitted from a page that is not this node's.")
         form = await request.form()
-        values = {key: form.getlist(key) for key in form.keys()}
+        values: dict[str, Any] = {key: form.getlist(key) for key in form.keys()}
         if not hmac.compare_digest(str(form.get("csrf_token", "")), self.csrf_token):
             LOG.warning("status action %s from %s refused: missing or stale form token", request.url.path, client)
-            return None, self._message(request, 403, "Form expired",
+            return self._message(request, 403, "Form expired",
                                        text="The form's token is missing or from before the node restarted. "
                                             "Reload the page and try again.")
         values["_client"] = client
-        return values, None
+        return values
 
     def _audit(self, detail: dict[str, Any]) -> None:
         LOG.info("status action: %s", detail)
@@ -581,9 +536,9 @@ class StatusPages:
         return back if _BACK_RE.match(back) else default
 
     async def retry(self, request: Request) -> Response:
-        form, refusal = await self._authorise(request)
-        if refusal is not None:
-            return refusal
+        form = await self._authorise(request)
+        if isinstance(form, Response):  # refused
+            return form
         back = self._back(form, "/status/outbox")
         destination = (form.get("destination") or [""])[0].strip() or None
         try:
@@ -605,9 +560,9 @@ class StatusPages:
                                              f"(ids {', '.join(str(r.id) for r in rows)}).")
 
     async def purge(self, request: Request) -> Response:
-        form, refusal = await self._authorise(request)
-        if refusal is not None:
-            return refusal
+        form = await self._authorise(request)
+        if isinstance(form, Response):  # refused
+            return form
         back = self._back(form, "/status/outbox")
         destination = (form.get("destination") or [""])[0].strip() or None
         try:
@@ -625,20 +580,21 @@ class StatusPages:
                                              "ago removed from the outbox (result files are kept).")
 
     async def test_peer(self, request: Request) -> Response:
-        form, refusal = await self._authorise(request)
-        if refusal is not None:
-            return refusal
+        form = await self._authorise(request)
+        if isinstance(form, Response):  # refused
+            return form
         name = (form.get("destination") or [""])[0]
         destination = next((d for d in self.config.destinations if str(d) == name), None)
         if destination is None:
             return self._redirect(request, "/status/peers", f"No configured destination named {name!r}.", ok=False)
-        if destination.kind == DICOM:
-            try:
-                ok, text = echo_text(await run_in_threadpool(self.echo, destination))
-            except Exception as exc:  # the peer check reports, it does not crash the page
-                ok, text = False, f"C-ECHO failed: {type(exc).__name__}: {exc}"
-        else:
-            ok, text = await run_in_threadpool(check_dicomweb, destination, self.config.send_connect_timeout_s)
+        try:
+            if destination.kind == DICOM:
+                result = await run_in_threadpool(self.echo, destination)
+            else:
+                result = await run_in_threadpool(query_dicomweb, destination, self.config.send_connect_timeout_s)
+            ok, text = result.ok, peer_text(result)
+        except Exception as exc:  # the peer check reports, it does not crash the page
+            ok, text = False, f"peer check failed: {type(exc).__name__}: {exc}"
         self._checks[name] = PeerCheck(name, ok, text, time.time())
         self._audit({"action": "peer test", "destination": name, "ok": ok, "result": text,
                      "user": self.config.http_username, "client": form["_client"]})
@@ -657,8 +613,8 @@ def status_routes(
     """The ``/status`` routes, to add to the node's Starlette app next to STOW-RS.
 
     ``models`` returns the loaded bundles (a dict each, see :func:`describe_bundle`);
-    ``echo`` C-ECHOes a DICOM destination and returns ``(status or None, set-up s,
-    round trip s)`` (default :func:`node.send.sender.echo` with ``config``); ``audit``
+    ``echo`` C-ECHOes a DICOM destination and returns a :class:`node.send.probe.PeerResult`
+    (default :func:`node.send.probe.echo_destination` with ``config``); ``audit``
     is called as ``audit("admin action", detail)`` after every action.
     ``show_patient_names`` must stay False: the state database holds no patient
     names or IDs, and the pages show UIDs only.
@@ -669,4 +625,4 @@ def status_routes(
     return StatusPages(state, config, models=models, echo=echo, audit=audit).routes()
 
 
-__all__ = ["DiskReport", "PeerCheck", "StatusPages", "check_dicomweb", "describe_bundle", "status_routes"]
+__all__ = ["DiskReport", "PeerCheck", "StatusPages", "describe_bundle", "status_routes"]

@@ -7,6 +7,11 @@ patient's identity, for the sites that configure the node to log it.
 Structured fields go in through ``extra=`` and come out as JSON keys::
 
     LOG.info("series %s processed", uid, extra={"series_uid": uid, "duration_s": 1.54})
+
+The worker's lines about a series carry ``series_uid`` (and ``duration_s`` once
+it is processed), the listener's lines about an association its short
+``association_id`` and ``calling_ae``, the intake's ``sop_instance_uid`` and
+``series_uid`` where known, the sender's ``destination``.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from datetime import datetime, timezone
 from typing import Any, TextIO
 
 #: Fields taken from ``extra=`` into a JSON line, in this order.
-EXTRA_FIELDS = ("study_uid", "series_uid", "sop_instance_uid", "job_id", "calling_ae", "destination", "duration_s")
+EXTRA_FIELDS = ("study_uid", "series_uid", "sop_instance_uid", "job_id", "association_id", "calling_ae", "destination",
+                "duration_s")
 
 #: Libraries kept at WARNING or above whatever the node's level: pynetdicom logs
 #: dataset contents (patient names included) at DEBUG and every association at
@@ -62,7 +68,7 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
-class _NodeHandler(logging.StreamHandler):
+class _NodeHandler(logging.StreamHandler[TextIO]):
     """The handler :func:`configure_logging` installs (and replaces when called again)."""
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -28,6 +27,9 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, Info, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from node import __version__
+from pipelines.timing import StageTiming
 
 LOG = logging.getLogger(__name__)
 
@@ -43,47 +45,13 @@ SEND_RESULTS = ("ok", "warning", "failed")
 #: Series states that make up the work queue; always exported, 0 when empty.
 QUEUE_STATES = ("receiving", "queued", "processing")
 
-#: Rejections that do not come from a rule of the rules file.
-GEOMETRY_RULE = "geometry"
+#: The rule counted for a rejection that names none (the volume checks name
+#: :data:`node.work.orchestrate.GEOMETRY_RULE`, ``"geometry"``).
 OTHER_RULE = "other"
-_RULE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
 
 #: What the ``counts`` callback returns: ``{"series": {state: n}, "outbox_pending":
 #: {destination: n}, "outbox_dead": {destination: n}}``; any key may be missing.
 Counts = Mapping[str, Mapping[str, int]]
-
-
-def rejection_rules(reason: str | None) -> list[str]:
-    """Rule names in a rejection reason, one per ``"; "``-separated part, without repeats.
-
-    A part ``"slice_thickness: 7.0 mm (...)"`` names its rule before the first
-    ``':'``; a part without such a prefix (free text, e.g. a geometry check's
-    ``"missing slices: gap of 6.00 mm ..."`` whose prefix is not a name) counts
-    as ``"other"``. An empty reason gives ``["other"]``.
-    """
-    names: list[str] = []
-    for part in (reason or "").split("; "):
-        head, colon, _ = part.partition(":")
-        head = head.strip()
-        name = head if colon and _RULE_NAME.fullmatch(head) else OTHER_RULE
-        if name not in names:
-            names.append(name)
-    return names or [OTHER_RULE]
-
-
-def split_timing_key(key: str) -> tuple[str, str, bool]:
-    """(stage, bundle, is_model) of a timing key of ``SeriesResult.timings``.
-
-    ``"model reference-cascade/organs"`` -> ``("organs", "reference-cascade", True)``;
-    ``"encode reference-cascade"`` -> ``("encode", "reference-cascade", False)``;
-    ``"eligibility"`` -> ``("eligibility", "", False)``.
-    """
-    head, _, rest = key.strip().partition(" ")
-    rest = rest.strip()
-    if head == "model" and rest:
-        bundle, _, stage = rest.partition("/")
-        return (stage or "model"), bundle, True
-    return head, rest, False
 
 
 def store_counts(store: Any) -> Callable[[], Counts]:
@@ -157,15 +125,6 @@ class ScrapeTimeCollector(Collector):
         return out + [free, total]
 
 
-def _software_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("pacs-ai-node")
-    except PackageNotFoundError:
-        return "0+unknown"
-
-
 def _check(name: str, value: str, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise ValueError(f"{name}: {value!r} is not one of {', '.join(allowed)}")
@@ -177,8 +136,8 @@ class NodeMetrics:
 
     ``data_dir`` is where free disk is measured; ``counts`` (e.g.
     :func:`store_counts`) is called at every scrape for the queue and outbox
-    gauges (None: those gauges are not exported); ``version`` defaults to the
-    installed package's.
+    gauges (None: those gauges are not exported); ``version`` defaults to
+    ``node.__version__``.
     """
 
     def __init__(self, data_dir: Path | str, counts: Callable[[], Counts] | None = None, *,
@@ -209,7 +168,7 @@ class NodeMetrics:
                                      "Failed deliveries: 'retry' (tried again later) or 'dead' (given up).",
                                      ["destination", "disposition"], registry=r)
         self.build_info = Info(PREFIX + "build", "The node's software version.", registry=r)
-        self.build_info.info({"version": version or _software_version()})
+        self.build_info.info({"version": version or __version__})
         r.register(ScrapeTimeCollector(self.data_dir, counts))
 
     # -- hooks ----------------------------------------------------------------
@@ -235,37 +194,28 @@ class NodeMetrics:
         """One association request, ``"accepted"`` or ``"rejected"``."""
         self.associations.labels(_check("result", result, ASSOCIATION_RESULTS)).inc()
 
-    def series_finished(self, state: str, reason: str | None = None, *, rules: Iterable[str] | None = None) -> None:
+    def series_finished(self, state: str, *, rules: Iterable[str] = ()) -> None:
         """A series ended ``"done"``, ``"rejected"`` or ``"failed"``.
 
-        For a rejection, each failed rule is counted once: ``rules`` when given
-        (the rule ids of a ``Decision``'s failures, or ``["geometry"]`` for a
-        rejection by the volume checks), else the names :func:`rejection_rules`
-        reads from ``reason``.
+        For a rejection, each failed rule is counted once: ``rules`` are the rule ids of a
+        ``Decision``'s failures, or ``["geometry"]`` for a rejection by the volume checks
+        (:class:`node.work.orchestrate.SeriesRefused`); a rejection without one counts as ``"other"``.
         """
         self.series_finished_total.labels(_check("state", state, SERIES_OUTCOMES)).inc()
         if state == "rejected":
-            names = list(dict.fromkeys(rules)) if rules is not None else rejection_rules(reason)
-            for name in names or [OTHER_RULE]:
+            for name in list(dict.fromkeys(rules)) or [OTHER_RULE]:
                 self.series_rejected.labels(name).inc()
 
-    def stage_timings(self, timings: Mapping[str, float]) -> None:
-        """Observe a series' timings (``SeriesResult.timings``): ``"model B/S"`` keys go to the
-        model inference histogram, every other key to the stage histogram (see
-        :func:`split_timing_key`). Negative or non-finite values are skipped."""
-        for key, seconds in timings.items():
-            try:
-                value = float(seconds)
-            except (TypeError, ValueError):
-                LOG.debug("metrics: timing %r is not a number: %r", key, seconds)
+    def stage_timings(self, timings: Iterable[StageTiming]) -> None:
+        """Observe a series' timings (``SeriesResult.timings``): a network's own run goes to the model
+        inference histogram, every other stage to the stage histogram. Non-finite values are skipped."""
+        for timing in timings:
+            if not math.isfinite(timing.seconds):
                 continue
-            if not math.isfinite(value) or value < 0:
-                continue
-            stage, bundle, is_model = split_timing_key(key)
-            if is_model:
-                self.model_seconds.labels(bundle, stage).observe(value)
+            if timing.model:
+                self.model_seconds.labels(timing.bundle, timing.stage).observe(timing.seconds)
             else:
-                self.stage_seconds.labels(stage, bundle).observe(value)
+                self.stage_seconds.labels(timing.stage, timing.bundle).observe(timing.seconds)
 
     def send_attempt(self, destination: str, result: str, *, dead: bool = False, count: int = 1) -> None:
         """``count`` delivery attempts to ``destination`` ended ``"ok"``, ``"warning"`` (stored
@@ -292,24 +242,3 @@ class NodeMetrics:
         for family in self.registry.collect():
             for sample in family.samples:
                 yield sample.name, dict(sample.labels), sample.value
-
-
-def metrics_route(metrics: NodeMetrics, path: str = "/metrics") -> Any:
-    """A Starlette ``Route`` serving ``metrics`` at ``GET path`` (add it to the app's routes).
-
-    The app's basic authentication, when configured, covers it too: give
-    Prometheus the same credentials (``basic_auth`` in the scrape config).
-    """
-    from starlette.concurrency import run_in_threadpool
-    from starlette.requests import Request
-    from starlette.responses import Response
-    from starlette.routing import Route
-
-    if not isinstance(metrics, NodeMetrics):
-        raise TypeError(f"metrics: expected a NodeMetrics, got {type(metrics).__name__}")
-
-    async def endpoint(request: Request) -> Response:
-        body, content_type = await run_in_threadpool(metrics.render)
-        return Response(body, media_type=content_type)
-
-    return Route(path, endpoint, methods=["GET"])

@@ -22,10 +22,11 @@ from typing import TYPE_CHECKING, BinaryIO, Callable
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
-from pydicom.tag import Tag
 from pydicom.uid import UID
 
+from node import __version__
 from node.config import NodeConfig
+from node.store.header import HEADER_TAGS, InstanceHeader, read_header
 from node.store.spool import Spool, SpoolError, check_uid, fsync_dir
 from node.store.state import StateStore
 from pipelines.volume.ct import CT_SOP_CLASSES
@@ -49,7 +50,7 @@ STUDY_MISMATCH = 0xA901
 
 #: Implementation Class UID and Version Name written in the file meta of stored instances.
 IMPLEMENTATION_CLASS_UID = "2.25.193415117617284733618405939326346727402"
-IMPLEMENTATION_VERSION_NAME = "PACS_AI_NODE_01"
+IMPLEMENTATION_VERSION_NAME = f"PACSAINODE_{__version__}"[:16]  # VR SH: 16 characters at most (PS3.7 D.3.3.2.4)
 
 
 @dataclass(frozen=True)
@@ -66,77 +67,6 @@ class IntakeResult:
     @property
     def ok(self) -> bool:
         return self.status == SUCCESS
-
-
-@dataclass(frozen=True)
-class InstanceHeader:
-    """The header facts the node needs before the pipeline runs (completion, routing)."""
-
-    study_uid: str
-    series_uid: str
-    sop_instance_uid: str
-    sop_class_uid: str
-    position: float | None  # Image Position projected on the slice normal (mm)
-    orientation: str | None  # Image Orientation (Patient), rounded, as text
-    images_in_acquisition: int | None
-    number_of_frames: int | None
-
-
-def _float_list(value: object) -> list[float] | None:
-    try:
-        out = [float(v) for v in value]  # type: ignore[union-attr]
-    except (TypeError, ValueError):
-        return None
-    return out
-
-
-def read_header(ds: Dataset) -> InstanceHeader:
-    """Extract and check the identifying attributes; raises SpoolError / ValueError."""
-    study = check_uid(ds.get("StudyInstanceUID"), "Study Instance UID")
-    series = check_uid(ds.get("SeriesInstanceUID"), "Series Instance UID")
-    sop = check_uid(ds.get("SOPInstanceUID"), "SOP Instance UID")
-    sop_class = check_uid(ds.get("SOPClassUID"), "SOP Class UID")
-    position = orientation = None
-    iop = _float_list(ds.get("ImageOrientationPatient"))
-    ipp = _float_list(ds.get("ImagePositionPatient"))
-    if iop is not None and len(iop) == 6 and ipp is not None and len(ipp) == 3:
-        row, col = iop[:3], iop[3:]
-        normal = (
-            row[1] * col[2] - row[2] * col[1],
-            row[2] * col[0] - row[0] * col[2],
-            row[0] * col[1] - row[1] * col[0],
-        )
-        position = sum(p * n for p, n in zip(ipp, normal))
-        orientation = "\\".join(f"{v:.4f}" for v in iop)
-
-    def positive_int(keyword: str) -> int | None:
-        try:
-            value = int(ds.get(keyword) or 0)
-        except (TypeError, ValueError):
-            return None
-        return value if value > 0 else None
-
-    return InstanceHeader(
-        study_uid=study,
-        series_uid=series,
-        sop_instance_uid=sop,
-        sop_class_uid=sop_class,
-        position=position,
-        orientation=orientation,
-        images_in_acquisition=positive_int("ImagesInAcquisition"),
-        number_of_frames=positive_int("NumberOfFrames"),
-    )
-
-
-#: What the intake reads of a received dataset: identity, geometry for early completion, pixel size checks.
-HEADER_TAGS = [
-    Tag(keyword)
-    for keyword in (
-        "SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
-        "ImagesInAcquisition", "ImagePositionPatient", "ImageOrientationPatient", "SamplesPerPixel", "Rows",
-        "Columns", "BitsAllocated", "NumberOfFrames", "PixelData",
-    )
-]
 
 
 def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
@@ -228,7 +158,9 @@ class Intake:
                                          association=association)
         if self.on_queued is not None and header.images_in_acquisition is not None:
             self.on_queued()  # the expected count may have completed the series
-        LOG.debug("stored %s (%d bytes%s)", header.sop_instance_uid, size, "" if new else ", duplicate")
+        LOG.debug("stored %s (%d bytes%s)", header.sop_instance_uid, size, "" if new else ", duplicate",
+                  extra={"sop_instance_uid": header.sop_instance_uid, "series_uid": header.series_uid,
+                         "study_uid": header.study_uid, "calling_ae": source})
         if self.metrics is not None:
             self.metrics.instance_received("stowrs" if (association or "").startswith("stow-") else "dicom")
         if self.audit is not None and association is not None:
@@ -248,7 +180,7 @@ class Intake:
             return []
         queued = self.state.complete_released(association, why=why)
         for series_uid, detail in queued:
-            LOG.info("series %s complete (%s), queued", series_uid, detail)
+            LOG.info("series %s complete (%s), queued", series_uid, detail, extra={"series_uid": series_uid})
         if queued and self.on_queued is not None:
             self.on_queued()
         return queued
@@ -260,11 +192,14 @@ class Intake:
         if tally is not None and self.audit is not None:
             tally.report_received(self.audit, calling_ae=calling_ae, peer_ip=peer_ip, via=via)
 
-    def refuse(self, status: int, reason: str, source: str, **uids: str | None) -> IntakeResult:
-        LOG.warning("instance refused (0x%04X) from %s: %s", status, source, reason)
+    def refuse(self, status: int, reason: str, source: str, *, sop_class_uid: str | None = None,
+               sop_instance_uid: str | None = None, series_uid: str | None = None) -> IntakeResult:
+        """Refuse one instance with a DICOM status: a log line with the reason, and the refusal counted."""
+        LOG.warning("instance refused (0x%04X) from %s: %s", status, source, reason,
+                    extra={"calling_ae": source, "sop_instance_uid": sop_instance_uid, "series_uid": series_uid})
         if self.metrics is not None:
             self.metrics.instance_refused(status)
-        return IntakeResult(status, reason, **uids)
+        return IntakeResult(status, reason, sop_class_uid, sop_instance_uid, series_uid)
 
     def disk_full_reason(self) -> str | None:
         """Why new data must be refused now (free disk under the watermark), or None."""

@@ -39,7 +39,6 @@ from pynetdicom.pdu_primitives import (
     SCP_SCU_RoleSelectionNegotiation,
 )
 from pynetdicom.presentation import PresentationContext, StoragePresentationContexts, negotiate_as_acceptor
-from pynetdicom.sop_class import Verification
 
 from node.config import NodeConfig
 from node.receive.intake import (
@@ -68,11 +67,13 @@ RJ_CALLED_AE = (1, 1, 7)
 RJ_CALLING_AE = (1, 1, 3)
 RJ_APPLICATION_CONTEXT = (1, 1, 2)
 RJ_LOCAL_LIMIT = (2, 3, 2)
+#: Verification SOP Class (PS3.4 Annex A.4): C-ECHO.
+VERIFICATION = "1.2.840.10008.1.1"
 
 
 def decodable_transfer_syntaxes() -> list[str]:
     """Transfer syntaxes whose pixel data this installation of pydicom can decode."""
-    from pydicom.pixels import get_decoder
+    from pydicom.pixels.decoders.base import get_decoder
 
     out = []
     for uid in ALL_TRANSFER_SYNTAXES:
@@ -95,12 +96,12 @@ def supported_contexts() -> list[PresentationContext]:
         cx.transfer_syntax = [UID(s) for s in syntaxes]
         contexts.append(cx)
 
-    add(Verification, ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"])
+    add(VERIFICATION, ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"])
     ct_syntaxes = decodable_transfer_syntaxes()
     for uid in sorted(ACCEPTED_SOP_CLASSES):
         add(uid, ct_syntaxes)
     for context in StoragePresentationContexts:
-        if context.abstract_syntax not in ACCEPTED_SOP_CLASSES:
+        if context.abstract_syntax is not None and context.abstract_syntax not in ACCEPTED_SOP_CLASSES:
             add(context.abstract_syntax, list(ALL_TRANSFER_SYNTAXES))
     return contexts
 
@@ -192,7 +193,9 @@ class Association(threading.Thread):
         self.config = server.config
         self.sock = sock
         self.address = address
-        self.id = uuid.uuid4().hex
+        self.id = uuid.uuid4().hex  # the state store's ``association`` column
+        #: The short id log lines carry (``association_id``): the first characters of :attr:`id`.
+        self.log_id = self.id[:8]
         self.calling_ae = "?"
         self.established = False
         self.peer_max_pdu = 0
@@ -203,6 +206,11 @@ class Association(threading.Thread):
         self._command = bytearray()
         self._request: Dataset | None = None
         self._dataset_context = 0
+
+    @property
+    def log_extra(self) -> dict[str, str]:
+        """The structured fields of this association's log lines (``extra=``)."""
+        return {"association_id": self.log_id, "calling_ae": self.calling_ae}
 
     # -- socket ---------------------------------------------------------------
 
@@ -262,14 +270,16 @@ class Association(threading.Thread):
         except TimeoutError:
             self._abort(2, 0)  # ARTIM / idle timer expired: tell the peer before closing
             LOG.warning("association from %s (%s) aborted: nothing received for %.0f s", self.calling_ae,
-                        self.address[0], self.config.network_timeout_s)
+                        self.address[0], self.config.network_timeout_s, extra=self.log_extra)
         except (AssociationClosed, OSError, ssl.SSLError) as exc:
             if self.established:
-                LOG.warning("association from %s (%s) ended abnormally: %s", self.calling_ae, self.address[0], exc)
+                LOG.warning("association from %s (%s) ended abnormally: %s", self.calling_ae, self.address[0], exc,
+                            extra=self.log_extra)
             else:
-                LOG.info("connection from %s closed before an association: %s", self.address[0], exc)
+                LOG.info("connection from %s closed before an association: %s", self.address[0], exc,
+                         extra=self.log_extra)
         except Exception:  # a bug must cost one association, not the listener
-            LOG.exception("association from %s failed with an internal error", self.calling_ae)
+            LOG.exception("association from %s failed with an internal error", self.calling_ae, extra=self.log_extra)
             self._abort(2, 0)
         finally:
             if self._incoming is not None:
@@ -285,16 +295,17 @@ class Association(threading.Thread):
                     "association from %s (%s) %s after %.1f s: %d instances stored, %d refused",
                     self.calling_ae, self.address[0], "released" if released else "aborted",
                     time.monotonic() - started, self.stored, self.refused,
+                    extra={**self.log_extra, "duration_s": round(time.monotonic() - started, 3)},
                 )
                 try:
                     self.server.intake.association_ended(self.id, released)
                 except Exception:  # the quiet timer remains the fallback
-                    LOG.exception("could not evaluate the series of association %s", self.id)
+                    LOG.exception("could not evaluate the series of association %s", self.id, extra=self.log_extra)
                 try:
                     self.server.intake.transfer_finished(self.id, calling_ae=self.calling_ae,
                                                          peer_ip=self.address[0], via="DICOM")
                 except Exception:  # the audit trail logs its own write errors; never break the listener
-                    LOG.exception("could not audit association %s", self.id)
+                    LOG.exception("could not audit association %s", self.id, extra=self.log_extra)
             self.server.forget(self)
 
     def _reject(self, verdict: tuple[int, int, int], rq: A_ASSOCIATE, why: str) -> None:
@@ -307,6 +318,7 @@ class Association(threading.Thread):
         LOG.warning(
             "association from %s (calling AE %s, called AE %s) rejected: %s",
             self.address[0], rq.calling_ae_title, rq.called_ae_title, why,
+            extra={"association_id": self.log_id, "calling_ae": str(rq.calling_ae_title).strip()},
         )
         intake = self.server.intake
         if intake.metrics is not None:
@@ -341,7 +353,7 @@ class Association(threading.Thread):
         roles = {
             item.sop_class_uid: (item.scu_role, item.scp_role)
             for item in rq.user_information
-            if isinstance(item, SCP_SCU_RoleSelectionNegotiation)
+            if isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid is not None
         }
         results, role_items = negotiate_as_acceptor(
             rq.presentation_context_definition_list, self.server.contexts, roles or None
@@ -369,7 +381,8 @@ class Association(threading.Thread):
         if self.server.intake.metrics is not None:
             self.server.intake.metrics.association("accepted")
         self._prepare_spare()
-        LOG.debug("association %s from %s accepted with %d contexts", self.id, self.calling_ae, len(self.contexts))
+        LOG.debug("association %s from %s accepted with %d contexts", self.id, self.calling_ae, len(self.contexts),
+                  extra=self.log_extra)
         return True
 
     def _serve(self) -> bool:
@@ -421,7 +434,8 @@ class Association(threading.Thread):
             abstract, syntax = self.contexts[context_id]
             sop_class = str(request.get("AffectedSOPClassUID", "")).rstrip("\0 ")
             if sop_class != abstract:
-                LOG.warning("C-STORE on context %d names SOP class %s, the context %s", context_id, sop_class, abstract)
+                LOG.warning("C-STORE on context %d names SOP class %s, the context %s", context_id, sop_class, abstract,
+                            extra=self.log_extra)
             self._request, self._dataset_context = request, context_id
             spare, self._spare = self._spare, None
             self._incoming = self.server.intake.begin(
@@ -436,7 +450,7 @@ class Association(threading.Thread):
             self._request, self._dataset_context = request, context_id
             self._incoming = None
         else:
-            LOG.warning("unsupported DIMSE command 0x%04X from %s", field, self.calling_ae)
+            LOG.warning("unsupported DIMSE command 0x%04X from %s", field, self.calling_ae, extra=self.log_extra)
             self._respond(context_id, request, field | 0x8000, UNRECOGNIZED_OPERATION)
 
     def _on_dataset_fragment(self, context_id: int, fragment: memoryview, last: bool) -> None:
@@ -451,7 +465,7 @@ class Association(threading.Thread):
         self._request = self._incoming = None
         field = int(request.get("CommandField", 0))
         if incoming is None:
-            LOG.warning("unsupported DIMSE command 0x%04X from %s", field, self.calling_ae)
+            LOG.warning("unsupported DIMSE command 0x%04X from %s", field, self.calling_ae, extra=self.log_extra)
             self._respond(context_id, request, field | 0x8000, UNRECOGNIZED_OPERATION)
             return
         result = incoming.finish()
@@ -578,7 +592,8 @@ class DicomServer:
             remaining = list(self._associations)
         for assoc in remaining:
             if assoc.established:
-                LOG.warning("aborting association from %s still open at shutdown", assoc.calling_ae)
+                LOG.warning("aborting association from %s still open at shutdown", assoc.calling_ae,
+                            extra=assoc.log_extra)
             assoc.abort()
         for assoc in remaining:
             assoc.join(timeout=5)

@@ -73,12 +73,7 @@ The client address in logs and in the state's ``calling_ae`` column
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
-import secrets
-import socket
-import ssl
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -87,19 +82,15 @@ from io import BytesIO
 from typing import Any
 
 import pydicom
-import uvicorn
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
-from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from node.receive.intake import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, STUDY_MISMATCH, SUCCESS, Intake, IntakeResult
 from node.store.spool import SpoolError, check_uid
-from pipelines.errors import PacsAiError
 
 LOG = logging.getLogger(__name__)
 
@@ -122,10 +113,6 @@ _REFERENCED_SOP_SEQUENCE = "00081199"
 _REFERENCED_SOP_CLASS_UID = "00081150"
 _REFERENCED_SOP_INSTANCE_UID = "00081155"
 _FAILURE_REASON = "00081197"
-
-
-class HttpServerError(PacsAiError):
-    """The HTTP server could not start (port in use, address not available, ...)."""
 
 
 class _RequestError(Exception):
@@ -492,20 +479,17 @@ class StowService:
         return _Outcome(status, reason, sop_class, sop_instance)
 
 
-def create_app(
+def stow_routes(
     intake: Intake,
     *,
     base_paths: Sequence[str] = DEFAULT_BASE_PATHS,
     max_part_bytes: int = DEFAULT_MAX_PART_BYTES,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-    credentials: tuple[str, str] | None = None,
-) -> Starlette:
-    """The node's HTTP application with the STOW-RS routes under each of ``base_paths``.
+) -> tuple[StowService, list[Route]]:
+    """The STOW-RS service and its ``POST {base}/studies[/{study}]`` routes under each of ``base_paths``.
 
     ``max_part_bytes`` bounds the memory one instance may take (a larger part
     fails with 0xA700); ``max_request_bytes`` bounds a request body (413).
-    ``credentials`` (user, password) require HTTP basic authentication on
-    every route. Other routes (status page, metrics) can be added to ``app.router``.
     """
     if not isinstance(intake, Intake):
         raise TypeError(f"intake: expected an Intake, got {type(intake).__name__}")
@@ -524,135 +508,8 @@ def create_app(
     for base in base_paths:
         routes.append(Route(f"{base}/studies", service.store, methods=["POST"]))
         routes.append(Route(f"{base}/studies/{{study}}", service.store, methods=["POST"]))
-    middleware = [Middleware(BasicAuth, username=credentials[0], password=credentials[1])] if credentials else []
-    app = Starlette(routes=routes, middleware=middleware)
-    app.state.stow = service
-    return app
+    return service, routes
 
 
-class BasicAuth:
-    """ASGI middleware: HTTP basic authentication (RFC 7617) on every request; 401 otherwise."""
-
-    def __init__(self, app: Any, username: str, password: str) -> None:
-        if not username or not password:
-            raise ValueError("basic authentication needs a user name and a password")
-        self.app = app
-        self.expected = base64.b64encode(f"{username}:{password}".encode()).decode()
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() == "basic" and secrets.compare_digest(token.strip(), self.expected):
-            await self.app(scope, receive, send)
-            return
-        client = (scope.get("client") or ("?",))[0]
-        LOG.warning("HTTP %s %s from %s refused: %s", scope.get("method"), scope.get("path"), client,
-                    "wrong credentials" if header else "no credentials")
-        response = PlainTextResponse("authentication required\n", status_code=401,
-                                     headers={"WWW-Authenticate": 'Basic realm="pacs-ai-node"'})
-        await response(scope, receive, send)
-
-
-class HttpServer:
-    """Runs an ASGI app with uvicorn in a background thread (``start``/``stop``).
-
-    The socket is bound in :meth:`start`, so a port in use is an
-    :class:`HttpServerError` there, not a log line in another thread. Port 0
-    picks a free port; :attr:`port` is the one bound.
-    """
-
-    def __init__(
-        self,
-        app: Any,
-        host: str,
-        port: int,
-        *,
-        graceful_timeout_s: float = 30.0,
-        limit_concurrency: int | None = None,
-        start_timeout_s: float = 10.0,
-        ssl_context: ssl.SSLContext | None = None,
-    ) -> None:
-        if not isinstance(port, int) or not 0 <= port < 65536:
-            raise ValueError(f"port: {port!r} out of range 0-65535")
-        if graceful_timeout_s <= 0 or start_timeout_s <= 0:
-            raise ValueError("graceful_timeout_s and start_timeout_s must be > 0")
-        if limit_concurrency is not None and limit_concurrency < 1:
-            raise ValueError(f"limit_concurrency: must be >= 1 or None, got {limit_concurrency}")
-        self.app = app
-        self.host = host
-        self.port = port
-        self.graceful_timeout_s = graceful_timeout_s
-        self.limit_concurrency = limit_concurrency
-        self.start_timeout_s = start_timeout_s
-        self.ssl_context = ssl_context
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-
-    def _bind(self) -> socket.socket:
-        try:
-            infos = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        except socket.gaierror as exc:
-            raise HttpServerError(f"cannot listen on {self.host}:{self.port}: {exc.strerror}") from exc
-        family, socktype, proto, _, address = infos[0]
-        sock = socket.socket(family, socktype, proto)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(address)
-            sock.listen(2048)
-        except OSError as exc:
-            sock.close()
-            raise HttpServerError(f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}") from exc
-        sock.setblocking(False)
-        return sock
-
-    def start(self) -> None:
-        """Bind, start serving in a thread, and return once the server accepts connections."""
-        if self._thread is not None:
-            raise HttpServerError("HTTP server already started")
-        sock = self._bind()
-        self.port = sock.getsockname()[1]
-        config = uvicorn.Config(
-            self.app,
-            log_config=None,  # the node configures logging
-            access_log=False,  # one line per STOW request comes from node.stow
-            lifespan="off",
-            proxy_headers=False,  # the client address is the peer's, not an X-Forwarded-For header's
-            timeout_graceful_shutdown=max(1, round(self.graceful_timeout_s)),
-            limit_concurrency=self.limit_concurrency,
-        )
-        if self.ssl_context is not None:
-            config.load()
-            config.ssl = self.ssl_context  # TLS 1.2+ as the node configures it (uvicorn takes files only)
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]},
-                                        name=f"http-{self.port}", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + self.start_timeout_s
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                self._server.should_exit = True
-                sock.close()
-                raise HttpServerError(f"HTTP server on {self.host}:{self.port} did not start")
-            time.sleep(0.01)
-        LOG.debug("HTTP%s (STOW-RS) listening on %s:%d", "S" if self.ssl_context else "", self.host, self.port)
-
-    def stop(self) -> None:
-        """Stop accepting, let requests in progress finish (bounded), and return."""
-        if self._server is None or self._thread is None:
-            return
-        self._server.should_exit = True
-        self._thread.join(self.graceful_timeout_s + 5)
-        if self._thread.is_alive():
-            self._server.force_exit = True
-            self._thread.join(5)
-            if self._thread.is_alive():
-                LOG.warning("HTTP server thread did not stop in time")
-        self._server = None
-        self._thread = None
-
-
-__all__ = ["PROCESSING_FAILURE", "STUDY_MISMATCH", "HttpServer", "HttpServerError", "StowService", "create_app",
-           "response_status", "store_instances_response"]
+__all__ = ["DEFAULT_BASE_PATHS", "DEFAULT_MAX_PART_BYTES", "DEFAULT_MAX_REQUEST_BYTES", "PROCESSING_FAILURE",
+           "STUDY_MISMATCH", "StowService", "response_status", "store_instances_response", "stow_routes"]

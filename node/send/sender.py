@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import socket
 import ssl
 import threading
 import time
@@ -35,15 +34,22 @@ import uuid
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pydicom
 from pydicom.uid import UID, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 
 from node.config import DEFAULT_MAX_AGE_S, DICOMWEB, ConfigError, Destination, NodeConfig
+from node.send.connect import client_ssl_context, connect_error, dicomweb_session, set_tcp_nodelay
 from node.store.state import OutboxRow, StateStore
+
+if TYPE_CHECKING:
+    import requests
+
+    from node.observe.audit import AuditTrail, TransferTally
+    from node.observe.metrics import NodeMetrics
 
 LOG = logging.getLogger(__name__)
 
@@ -51,6 +57,9 @@ LOG = logging.getLogger(__name__)
 BATCH_SIZE = 100
 #: Largest STOW-RS request body the sender builds.
 STOW_MAX_REQUEST_BYTES = 64 * 2**20
+
+#: One STOW-RS part: the outbox item, its bytes, its study and series UIDs.
+_StowPart = tuple[OutboxRow, bytes, str, str]
 
 #: C-STORE statuses with their PS3.4 B.2.3 / PS3.7 C meaning.
 _STATUS_TEXT = {
@@ -102,33 +111,9 @@ def is_permanent(code: int) -> bool:
 
 def retry_delay(attempts: int, initial: float, maximum: float, rng: random.Random | None = None) -> float:
     """Exponential backoff with full jitter in [delay/2, delay]."""
-    delay = min(maximum, initial * (2 ** max(attempts - 1, 0)))
-    return delay * (0.5 + 0.5 * (rng or random).random())
-
-
-def set_tcp_nodelay(event: evt.Event) -> None:
-    """Disable Nagle's algorithm on the sending socket: without it every C-STORE
-    to DCMTK or Orthanc stalls 45-90 ms waiting for a delayed ACK."""
-    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError as exc:  # a socket closed under us: nothing to tune
-            LOG.debug("TCP_NODELAY not set: %s", exc)
-
-
-def client_ssl_context(destination: Destination) -> ssl.SSLContext:
-    """TLS 1.2 or later; the server's certificate checked against ``tls_ca_file`` (or the
-    system CAs) unless ``tls_verify = false``; a client certificate when configured."""
-    context = ssl.create_default_context(cafile=str(destination.tls_ca_file) if destination.tls_ca_file else None)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    if not destination.tls_verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    if destination.tls_cert_file is not None:
-        context.load_cert_chain(str(destination.tls_cert_file),
-                                str(destination.tls_key_file) if destination.tls_key_file else None)
-    return context
+    delay = min(maximum, initial * 2.0 ** max(attempts - 1, 0))
+    jitter = rng.random() if rng is not None else random.random()
+    return delay * (0.5 + 0.5 * jitter)
 
 
 def proposed_transfer_syntaxes(destination: Destination) -> list[UID]:
@@ -173,37 +158,15 @@ class Failure:
     retry_after: float = 0.0
 
 
-def dicomweb_session(destination: Destination):  # noqa: ANN201 - requests is imported lazily
-    """A requests session that authenticates and checks certificates for ``destination`` (STOW-RS,
-    QIDO-RS confirmation, ``peers test`` and the status page's check all use it).
-
-    Raises ConfigError when ``password_env`` / ``token_env`` is unset.
-    """
-    import requests
-
-    session = requests.Session()
-    secret = destination.secret()
-    if secret is not None and secret[0] == "basic":
-        session.auth = (destination.username, secret[1])
-    elif secret is not None:
-        session.headers["Authorization"] = f"Bearer {secret[1]}"
-    session.verify = str(destination.tls_ca_file) if destination.tls_ca_file and destination.tls_verify \
-        else destination.tls_verify
-    if destination.tls_cert_file is not None:
-        session.cert = (str(destination.tls_cert_file), str(destination.tls_key_file)) \
-            if destination.tls_key_file else str(destination.tls_cert_file)
-    session.headers["Accept"] = "application/dicom+json"
-    return session
-
-
 class Sender:
     """Delivers due outbox items: one thread per destination, one association (or
     STOW-RS request) per batch."""
 
-    def __init__(self, config: NodeConfig, state: StateStore, *, metrics: Any = None, audit: Any = None) -> None:
+    def __init__(self, config: NodeConfig, state: StateStore, *, metrics: NodeMetrics | None = None,
+                 audit: AuditTrail | None = None) -> None:
         self.state = state
-        self.metrics = metrics  # node.metrics.NodeMetrics, or None
-        self.audit = audit  # node.audit.AuditTrail, or None
+        self.metrics = metrics
+        self.audit = audit
         self._batch = threading.local()  # the audit tally of the batch this thread sends
         self._workers: dict[str, threading.Thread] = {}
         self._lock = threading.Lock()
@@ -319,7 +282,7 @@ class Sender:
         delay = retry_delay(attempts, self.config.send_retry_initial_s, self.config.send_retry_max_s)
         return now + max(delay, failure.retry_after)
 
-    def _new_tally(self) -> Any:
+    def _new_tally(self) -> TransferTally | None:
         if self.audit is None:
             return None
         from node.observe.audit import TransferTally
@@ -328,7 +291,7 @@ class Sender:
 
     def _study_of(self, series_uid: str) -> str | None:
         """The study of a series, looked up once per batch (a batch is mostly one series)."""
-        studies = self._batch.__dict__.setdefault("studies", {})
+        studies: dict[str, str | None] = self._batch.__dict__.setdefault("studies", {})
         if series_uid not in studies:
             row = self.state.get_series(series_uid)
             studies[series_uid] = row.study_uid if row else None
@@ -355,7 +318,8 @@ class Sender:
         if tally is not None:
             tally.stored(self._study_of(item.series_uid) or "unknown", item.sop_class_uid)
         LOG.log(logging.WARNING if warning else logging.INFO, "sent %s to %s (%s)", item.sop_instance_uid,
-                destination, status)
+                destination, status, extra={"destination": str(destination), "series_uid": item.series_uid,
+                                            "sop_instance_uid": item.sop_instance_uid})
 
     def _failed(self, destination: Destination, item: OutboxRow, failure: Failure) -> None:
         now = time.time()
@@ -386,17 +350,19 @@ class Sender:
         waiting = [u[3] for u in updates if u[3] is not None]
         if waiting:
             LOG.warning("send of %d items to %s failed (next attempt in %.1f s or later): %s", len(waiting), name,
-                        min(waiting) - moment, f"{failure.status}: {failure.error}" if failure.status else failure.error)
+                        min(waiting) - moment, f"{failure.status}: {failure.error}" if failure.status else failure.error,
+                        extra={"destination": name})
 
     @staticmethod
     def _log_failure(name: str, item: OutboxRow, failure: Failure, retry_at: float | None, now: float) -> None:
         what = f"{failure.status}: {failure.error}" if failure.status else failure.error
+        extra = {"destination": name, "series_uid": item.series_uid, "sop_instance_uid": item.sop_instance_uid}
         if retry_at is None:
             LOG.error("%s to %s is dead after %d attempts (%s); `pacs-ai-node outbox retry --id %d` resends it",
-                      item.sop_instance_uid, name, item.attempts + 1, what, item.id)
+                      item.sop_instance_uid, name, item.attempts + 1, what, item.id, extra=extra)
         else:
             LOG.warning("send of %s to %s failed (attempt %d, retry in %.1f s): %s", item.sop_instance_uid, name,
-                        item.attempts + 1, retry_at - now, what)
+                        item.attempts + 1, retry_at - now, what, extra=extra)
 
     # -- DICOM ----------------------------------------------------------------
 
@@ -414,8 +380,8 @@ class Sender:
             set_tcp_nodelay(event)
 
         def on_acse(event: evt.Event) -> None:
-            primitive = event.primitive
-            if getattr(primitive, "result", None) in (0x01, 0x02):
+            primitive = getattr(event, "primitive", None)
+            if isinstance(primitive, A_ASSOCIATE) and primitive.result in (0x01, 0x02):
                 seen["rejected"] = (f"association rejected ({primitive.result_str}, {primitive.source_str}): "
                                     f"{primitive.reason_str}")
 
@@ -429,12 +395,13 @@ class Sender:
             evt_handlers=[(evt.EVT_CONN_OPEN, on_open), (evt.EVT_ACSE_RECV, on_acse)],
             tls_args=(tls, destination.host) if tls is not None else None,
         )
-        rejected_contexts = {cx.abstract_syntax: cx.status for cx in assoc.rejected_contexts}
+        rejected_contexts = {str(cx.abstract_syntax): str(cx.status) for cx in assoc.rejected_contexts}
         if not assoc.is_established and not (rejected_contexts and not assoc.accepted_contexts):
             if "rejected" in seen:
                 error = seen["rejected"]
             elif "connected" not in seen:
-                error = self._connect_error(destination, tls, time.monotonic() - started)
+                error = connect_error(destination.host, destination.port, tls,
+                                      self.config.send_connect_timeout_s, time.monotonic() - started)
             elif time.monotonic() - started >= 0.9 * self.config.send_dimse_timeout_s:
                 error = f"no answer to the association request within {self.config.send_dimse_timeout_s:g} s"
             else:
@@ -482,33 +449,17 @@ class Sender:
                 assoc.release()
         return delivered, True
 
-    def _connect_error(self, destination: Destination, tls: ssl.SSLContext | None, elapsed: float) -> str:
-        """Why pynetdicom could not connect (it logs the reason but does not return it): a
-        timeout, or else what a second, plain connection attempt (and TLS handshake) says."""
-        where = f"{destination.host}:{destination.port}"
-        timeout = self.config.send_connect_timeout_s
-        if elapsed >= 0.9 * timeout:
-            return f"cannot connect to {where}: no answer within {timeout:g} s"
-        try:
-            with socket.create_connection((destination.host, destination.port), timeout=timeout) as sock:
-                if tls is not None:
-                    with tls.wrap_socket(sock, server_hostname=destination.host):
-                        pass
-        except OSError as exc:  # ssl.SSLError included: certificate problems are named
-            return f"cannot connect to {where}: {exc}"
-        return f"cannot connect to {where} (a second attempt could)"
-
     # -- DICOMweb -------------------------------------------------------------
 
-    def _http_session(self, destination: Destination):  # noqa: ANN202 - requests is imported lazily
+    def _http_session(self, destination: Destination) -> requests.Session:
         return dicomweb_session(destination)
 
-    def _send_stow(self, destination: Destination, items: list[OutboxRow], session, now: float | None,  # noqa: ANN001
-                   ) -> tuple[int, bool]:
+    def _send_stow(self, destination: Destination, items: list[OutboxRow], session: requests.Session,
+                   now: float | None) -> tuple[int, bool]:
         """STOW-RS requests for ``items`` (split by size); returns (delivered, reached)."""
         import requests
 
-        parts: list[tuple[OutboxRow, bytes, str, str]] = []
+        parts: list[_StowPart] = []
         for item in items:
             try:
                 data = encode_file(item.path, destination.transfer_syntax)
@@ -557,7 +508,7 @@ class Sender:
                 delivered += 1
         return delivered, True
 
-    def _qido_missing(self, destination: Destination, session, study: str, series: str,  # noqa: ANN001
+    def _qido_missing(self, destination: Destination, session: requests.Session, study: str, series: str,
                       sop_instance_uid: str) -> str | None:
         """None when QIDO-RS lists the instance; otherwise why it counts as not delivered."""
         import requests
@@ -581,9 +532,9 @@ class Sender:
         return "stored according to STOW-RS, but QIDO-RS does not find it"
 
 
-def _chunks(parts: list, max_bytes: int) -> list[list]:  # noqa: ANN001
+def _chunks(parts: list[_StowPart], max_bytes: int) -> list[list[_StowPart]]:
     """Consecutive groups of parts whose data stay under ``max_bytes`` (one part may exceed it alone)."""
-    groups: list[list] = []
+    groups: list[list[_StowPart]] = []
     size = 0
     for part in parts:
         if not groups or size + len(part[1]) > max_bytes:
@@ -594,7 +545,7 @@ def _chunks(parts: list, max_bytes: int) -> list[list]:  # noqa: ANN001
     return groups
 
 
-def _values(dataset: object, tag: str) -> list:
+def _values(dataset: object, tag: str) -> list[Any]:
     """The Value list of ``tag`` in a DICOM JSON dataset (PS3.18 F.2), or []."""
     element = dataset.get(tag) if isinstance(dataset, dict) else None
     value = element.get("Value") if isinstance(element, dict) else None
@@ -647,30 +598,3 @@ def stow_outcomes(
         else:
             out[uid] = Failure(f"HTTP {http_status}", "not listed as stored in the STOW-RS response")
     return out
-
-
-def echo(destination: Destination, config: NodeConfig) -> tuple[int | None, float, float]:
-    """C-ECHO ``destination``.
-
-    Returns (status or None when no association, association set-up seconds,
-    C-ECHO round-trip seconds).
-    """
-    ae = _make_ae(config)
-    ae.add_requested_context(Verification)
-    start = time.perf_counter()
-    assoc = ae.associate(
-        destination.host,
-        destination.port,
-        ae_title=destination.ae_title,
-        evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)],
-    )
-    setup = time.perf_counter() - start
-    if not assoc.is_established:
-        return None, setup, 0.0
-    try:
-        start = time.perf_counter()
-        status = assoc.send_c_echo()
-        rtt = time.perf_counter() - start
-        return (int(status.Status) if status else None), setup, rtt
-    finally:
-        assoc.release()

@@ -18,10 +18,13 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from types import TracebackType
 
-if TYPE_CHECKING:
-    from node.receive.intake import InstanceHeader
+from pydicom.uid import UID
+
+from node.store.header import InstanceHeader
+from pipelines.errors import SeriesRejected
+from pipelines.volume.geometry import check_slice_spacing
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -92,26 +95,24 @@ MIGRATIONS = [
     ("series", "timings", "TEXT"),
 ]
 
-#: Relative tolerance on slice spacing for a run of positions to count as gap-free.
-SPACING_TOLERANCE = 0.02
-
 
 def gap_free(positions: list[float | None], orientations: list[str | None]) -> str | None:
     """Why the slices do not form a complete evenly spaced run, or None when they do.
 
-    Used to finish a series early; the pipeline still checks the geometry in full.
+    ``positions`` are the slices' distances along their normal (mm), in any
+    order. Used to finish a series early, with the pipeline's own spacing rule
+    (:func:`pipelines.volume.geometry.check_slice_spacing`, one tolerance): a
+    series is never queued early with a gap the pipeline would reject. The
+    pipeline still checks the rest of the geometry in full.
     """
     if len(positions) < 2:
         return "fewer than 2 slices"
     if any(p is None for p in positions) or len(set(orientations)) != 1:
         return "positions missing or orientations differ"
-    ordered = sorted(p for p in positions if p is not None)
-    steps = [b - a for a, b in zip(ordered, ordered[1:])]
-    step = sorted(steps)[len(steps) // 2]
-    if step <= 1e-3:
-        return "duplicate positions"
-    if any(abs(d - step) > SPACING_TOLERANCE * step + 1e-3 for d in steps):
-        return "uneven spacing (a gap or an overlap)"
+    try:
+        check_slice_spacing([p for p in positions if p is not None])
+    except SeriesRejected as exc:
+        return exc.reason
     return None
 
 # Series states. receiving -> queued -> processing -> done | rejected | failed
@@ -139,6 +140,13 @@ class SeriesRow:
     results: str | None = None  # JSON: the last version's result objects (see Node.process_series)
     input_purged_at: float | None = None  # when retention deleted the received instances
     timings: str | None = None  # JSON: seconds per processing stage of the last run
+
+
+def short_class_name(sop_class_uid: str) -> str:
+    """``Segmentation``, ``Comprehensive 3D SR``...: the SOP class name without "Storage", as the
+    outbox listings (``outbox list``, the status pages) show an item's SOP Class UID."""
+    name = UID(sop_class_uid).name
+    return name.removesuffix(" Storage") if name != sop_class_uid else sop_class_uid
 
 
 @dataclass(frozen=True)
@@ -214,7 +222,8 @@ class StateStore:
                 raise
             return self.db
 
-        def __exit__(self, exc_type, exc, tb) -> None:  # noqa: ANN001
+        def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                     tb: TracebackType | None) -> None:
             try:
                 self.db.execute("ROLLBACK" if exc_type else "COMMIT")
             finally:
@@ -227,7 +236,7 @@ class StateStore:
 
     def record_instance(
         self,
-        header: "InstanceHeader",
+        header: InstanceHeader,
         *,
         path: str,
         size: int,

@@ -25,13 +25,14 @@ Nothing here reads files or logs; the same inputs give the same outputs.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
+
+from pipelines.clinical.results import BoneDensityResult, NoduleMeasurement, OrganStats, SteatosisResult
 
 #: TotalSegmentator v2 class map ``"total"`` (117 structures): label value ->
 #: structure name. Source: ``totalsegmentator/map_to_binary.py``, ``class_map["total"]``
@@ -205,27 +206,6 @@ def _check_positive(value: float, name: str) -> float:
 
 # --------------------------------------------------------------------------
 # organs
-
-
-@dataclass(frozen=True)
-class OrganStats:
-    """Size and attenuation of one segmented structure.
-
-    ``std_hu`` is the population standard deviation (ddof=0). An empty mask
-    gives ``voxel_count`` 0, zero volume and NaN for the HU statistics.
-    """
-
-    voxel_count: int
-    volume_mm3: float
-    volume_ml: float
-    mean_hu: float
-    median_hu: float
-    std_hu: float
-    cut_by_field_of_view: bool
-
-    @property
-    def is_empty(self) -> bool:
-        return self.voxel_count == 0
 
 
 def field_of_view_cut(mask: np.ndarray) -> bool:
@@ -436,32 +416,6 @@ def bone_density_category(mean_hu: float) -> str:
     return "normal"
 
 
-@dataclass(frozen=True)
-class BoneDensityResult:
-    """Trabecular attenuation of L1 (or T12) and its category.
-
-    ``category`` is "osteoporosis", "osteopenia", "normal" or "not evaluable";
-    ``level`` is "L1", "T12" or None and ``level_reason`` says why that level
-    (or why none). ``notes`` carries caveats, e.g. a tube voltage other than
-    the thresholds' 120 kVp.
-    """
-
-    category: str
-    level: str | None
-    level_reason: str
-    mean_hu: float
-    high_suspicion: bool
-    roi_area_mm2: float
-    roi_slice: int | None
-    kvp: float | None
-    notes: tuple[str, ...] = ()
-    roi_mask: np.ndarray | None = field(default=None, compare=False, repr=False)
-
-    @property
-    def evaluable(self) -> bool:
-        return self.level is not None
-
-
 def bone_density_assessment(
     levels: Mapping[str, np.ndarray],
     hu: np.ndarray,
@@ -562,28 +516,6 @@ def steatosis_grade(liver_mean_hu: float) -> str:
     return "none"
 
 
-@dataclass(frozen=True)
-class SteatosisResult:
-    """Hepatic steatosis grade on unenhanced CT.
-
-    ``grade`` is "none", "mild", "moderate-severe" or "not evaluable".
-    ``supporting_criteria`` lists the liver-spleen criteria that were met;
-    ``reason`` explains the grade (or why there is none).
-    """
-
-    grade: str
-    liver_mean_hu: float
-    spleen_mean_hu: float | None
-    liver_minus_spleen_hu: float | None
-    liver_spleen_ratio: float | None
-    supporting_criteria: tuple[str, ...]
-    reason: str
-
-    @property
-    def evaluable(self) -> bool:
-        return self.grade != "not evaluable"
-
-
 def steatosis_assessment(liver: OrganStats, spleen: OrganStats | None) -> SteatosisResult:
     """Grade hepatic steatosis from the liver's (and spleen's) mean HU; unenhanced CT only.
 
@@ -667,31 +599,6 @@ def _category(value: float, name: str, bounds: tuple[tuple[float, str], ...]) ->
         if value < upper:
             return category
     return "4B"
-
-
-@dataclass(frozen=True)
-class NoduleMeasurement:
-    """Size of one nodule (one 26-connected component of the nodule mask).
-
-    Diameters are measured on ``axial_slice``, the slice where the long axis is
-    longest; ``mean_diameter_mm`` is (long + short) / 2 rounded to 0.1 mm as
-    Lung-RADS v2022 asks. ``centroid_zyx`` is in voxel indices and
-    ``centroid_offset_mm_zyx`` in mm from the centre of voxel (0, 0, 0).
-    """
-
-    index: int
-    voxel_count: int
-    volume_mm3: float
-    long_axis_mm: float
-    short_axis_mm: float
-    mean_diameter_mm: float
-    axial_slice: int
-    centroid_zyx: tuple[float, float, float]
-    centroid_offset_mm_zyx: tuple[float, float, float]
-    mean_hu: float
-    lung_rads: str
-    lung_rads_by_volume: str
-    cut_by_field_of_view: bool
 
 
 def nodule_measurements(

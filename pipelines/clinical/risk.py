@@ -2,7 +2,7 @@
 
 A screened site (pancreas, liver, ...) comes out of the analysis as present,
 absent or not evaluable with a lesion detection score in [0, 1]
-(:class:`pipelines.analysis.SiteResult`). A :class:`RiskPolicy` turns that
+(:class:`pipelines.clinical.results.SiteResult`). A :class:`RiskPolicy` turns that
 score into a tier with three cut points per site::
 
     score < t1 -> "low"; < t2 -> "intermediate"; < t3 -> "high"; else "very high"
@@ -28,8 +28,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Protocol, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
+from pipelines.clinical.results import (
+    NOT_EVALUABLE,
+    PRESENT,
+    SITE_STATUSES,
+    BoneDensityResult,
+    BundleMeasurements,
+    LungNodule,
+    SiteResult,
+    SteatosisResult,
+)
 from pipelines.errors import PacsAiError
 
 #: Tiers from lowest to highest.
@@ -43,22 +53,9 @@ DEFAULT_KEY = "default"
 #: Key of the referred tiers in the TOML table.
 REFER_KEY = "refer"
 
-#: Site statuses produced by the analysis.
-PRESENT, ABSENT, NOT_EVALUABLE = "present", "absent", "not evaluable"
-SITE_STATUSES: tuple[str, ...] = (PRESENT, ABSENT, NOT_EVALUABLE)
-
 
 class RiskPolicyError(PacsAiError, ValueError):
     """A risk policy (or a site result given to it) that cannot be used; the message names the value."""
-
-
-class SiteAnswer(Protocol):
-    """What :meth:`RiskPolicy.assess` reads from a site result (:class:`pipelines.analysis.SiteResult`)."""
-
-    site: str
-    status: str
-    score: float
-    reason: str
 
 
 @dataclass(frozen=True)
@@ -149,19 +146,8 @@ class RiskPolicy:
         self._thresholds = cut
         self.refer_tiers: tuple[str, ...] = _refer_tiers(refer_tiers)
 
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, RiskPolicy):
-            return NotImplemented
-        return self._thresholds == other._thresholds and self.refer_tiers == other.refer_tiers
-
-    def __hash__(self) -> int:
-        return hash((tuple(sorted(self._thresholds.items())), self.refer_tiers))
-
-    def __repr__(self) -> str:
-        return f"RiskPolicy({self._thresholds!r}, refer_tiers={self.refer_tiers!r})"
-
     @classmethod
-    def from_mapping(cls, table: Mapping[str, Any] | None) -> "RiskPolicy":
+    def from_mapping(cls, table: Mapping[str, Any] | None) -> RiskPolicy:
         """A policy from a TOML table such as ``[results.risk]``.
 
         ``default`` and site keys hold ``[t1, t2, t3]``; ``refer`` holds the
@@ -193,7 +179,7 @@ class RiskPolicy:
                 return name
         return RISK_TIERS[-1]
 
-    def assess(self, site_result: SiteAnswer) -> RiskAssessment:
+    def assess(self, site_result: SiteResult) -> RiskAssessment:
         """Tier, referral and summary line of one site result."""
         site, status = site_result.site, site_result.status
         if status not in SITE_STATUSES:
@@ -220,52 +206,52 @@ class RiskPolicy:
             return NotImplemented
         return self._thresholds == other._thresholds and self.refer_tiers == other.refer_tiers
 
+    # Mutable-looking (a dict inside) and compared by value: not hashable, as before.
     __hash__ = None  # type: ignore[assignment]
 
 
 # --------------------------------------------------------------------------- summary lines
 
 
-def bone_density_line(bone: Mapping[str, Any]) -> str:
+def bone_density_line(bone: BoneDensityResult) -> str:
     """E.g. ``bone density: osteopenia (L1 trabecular 131 HU at 120 kVp)``."""
-    if not bone.get("evaluable"):
-        return f"bone density: not evaluable ({bone.get('level_reason') or 'reason not recorded'})"
-    kvp = bone.get("kvp")
-    at = f"at {float(kvp):g} kVp" if kvp is not None else "kVp not recorded"
-    line = f"bone density: {bone['category']} ({bone['level']} trabecular {float(bone['mean_hu']):.0f} HU {at})"
-    if bone.get("high_suspicion"):
+    if not bone.evaluable:
+        return f"bone density: not evaluable ({bone.level_reason or 'reason not recorded'})"
+    at = f"at {bone.kvp:g} kVp" if bone.kvp is not None else "kVp not recorded"
+    line = f"bone density: {bone.category} ({bone.level} trabecular {bone.mean_hu:.0f} HU {at})"
+    if bone.high_suspicion:
         line += ", high suspicion"
     return line
 
 
-def steatosis_line(fat: Mapping[str, Any]) -> str:
+def steatosis_line(fat: SteatosisResult) -> str:
     """E.g. ``hepatic steatosis: mild (liver mean 44 HU, liver - spleen -12 HU)``."""
-    if not fat.get("evaluable"):
-        return f"hepatic steatosis: not evaluable ({fat.get('reason') or 'reason not recorded'})"
-    details = [f"liver mean {float(fat['liver_mean_hu']):.0f} HU"]
-    if fat.get("liver_minus_spleen_hu") is not None:
-        details.append(f"liver - spleen {float(fat['liver_minus_spleen_hu']):.0f} HU")
-    return f"hepatic steatosis: {fat['grade']} ({', '.join(details)})"
+    if not fat.evaluable:
+        return f"hepatic steatosis: not evaluable ({fat.reason or 'reason not recorded'})"
+    details = [f"liver mean {fat.liver_mean_hu:.0f} HU"]
+    if fat.liver_minus_spleen_hu is not None:
+        details.append(f"liver - spleen {fat.liver_minus_spleen_hu:.0f} HU")
+    return f"hepatic steatosis: {fat.grade} ({', '.join(details)})"
 
 
-def lung_nodule_lines(nodules: Sequence[Mapping[str, Any]]) -> list[str]:
+def lung_nodule_lines(nodules: Sequence[LungNodule]) -> list[str]:
     """One line per nodule, e.g. ``lung nodule: 7.2 mm, Lung-RADS 3``; largest first."""
     if not nodules:
         return ["lung nodules: none found"]
-    ordered = sorted(nodules, key=lambda n: -float(n["mean_diameter_mm"]))
-    return [f"lung nodule: {float(n['mean_diameter_mm']):.1f} mm, Lung-RADS {n['lung_rads']}" for n in ordered]
+    ordered = sorted(nodules, key=lambda n: -n.mean_diameter_mm)
+    return [f"lung nodule: {n.mean_diameter_mm:.1f} mm, Lung-RADS {n.lung_rads}" for n in ordered]
 
 
 def summary_lines(
-    sites: Sequence[SiteAnswer], measurements: Mapping[str, Any], policy: RiskPolicy | None = None
+    sites: Sequence[SiteResult], measurements: BundleMeasurements, policy: RiskPolicy | None = None
 ) -> list[str]:
     """Every study-summary line: one per site, then bone density, steatosis and lung nodules."""
     policy = policy or RiskPolicy()
     lines = [policy.assess(site).line for site in sites]
-    if measurements.get("bone_density") is not None:
-        lines.append(bone_density_line(measurements["bone_density"]))
-    if measurements.get("steatosis") is not None:
-        lines.append(steatosis_line(measurements["steatosis"]))
-    if measurements.get("lung_nodules") is not None:
-        lines.extend(lung_nodule_lines(measurements["lung_nodules"]))
+    if measurements.bone_density is not None:
+        lines.append(bone_density_line(measurements.bone_density))
+    if measurements.steatosis is not None:
+        lines.append(steatosis_line(measurements.steatosis))
+    if measurements.lung_nodules is not None:
+        lines.extend(lung_nodule_lines(measurements.lung_nodules))
     return lines

@@ -2,7 +2,7 @@
 
 Many PACS viewers display neither a SEG nor a TID 1500 SR, so AI vendors also
 send a plain picture that every viewer shows (IHE AI Results; REFERENCE.md).
-One key image is made per lesion finding (``extra["role"] == "lesion"``):
+One key image is made per lesion finding (``finding.lesion`` set):
 
 - the source slice with the largest cross-section of the lesion (the axial
   plane its long axis is measured in; ties go to the slice nearest the
@@ -21,7 +21,8 @@ picture would only add noise to the PACS study).
 
 The object is a plain Secondary Capture Image (PS3.3 A.8.1), single frame,
 8-bit RGB, photometric RGB, planar configuration 0: the most widely displayed
-colour image IOD. It claims no patient geometry (no Image Position /
+colour image IOD, assembled by highdicom's ``SCImage`` like the SEG and SR are
+by highdicom's classes. It claims no patient geometry (no Image Position /
 Orientation, no Pixel Spacing), since its pixels are a rendered picture with
 bands and burned-in text, not a resampled CT; Patient Orientation (a relative
 direction, which the rendering keeps) names the row and column directions.
@@ -42,11 +43,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
+import highdicom as hd
 import numpy as np
 import pydicom
 from PIL import Image, ImageDraw, ImageFont
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, UID
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, UID
+from pydicom.valuerep import DA, TM
 from scipy import ndimage
 
 from pipelines.errors import ResultEncodingError
@@ -69,7 +72,8 @@ SECONDARY_CAPTURE_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.7")
 #: Modality (0008,0060) of the key images: "OT" (other), as Secondary Captures
 #: usually carry. Not "CT": PACS routing rules select CT series (the node's own
 #: Orthanc rule sends every stable CT series to the node), and a key image
-#: labelled CT would be routed back to the node and refused there.
+#: labelled CT would be routed back to the node and refused there. highdicom's
+#: ``SCImage`` always writes it; it is set again below so that this stays the rule.
 KEY_IMAGE_MODALITY = "OT"
 
 #: Conversion Type (0008,0064), PS3.3 C.8.6.1.1.1: WSD "Workstation", an image
@@ -106,7 +110,7 @@ class DisplayWindow(NamedTuple):
 SOFT_TISSUE_WINDOW = DisplayWindow(400.0, 40.0)
 LUNG_WINDOW = DisplayWindow(1500.0, -600.0)
 
-#: Window per lesion site (``extra["site"]``); other sites get :data:`SOFT_TISSUE_WINDOW`.
+#: Window per lesion site (``finding.lesion.site``); other sites get :data:`SOFT_TISSUE_WINDOW`.
 SITE_WINDOWS: dict[str, DisplayWindow] = {"lung": LUNG_WINDOW}
 
 
@@ -124,7 +128,8 @@ def window_for(finding: SegmentFinding, window: Sequence[float] | None = None) -
     """The display window of ``finding``: ``window`` if given, else by site."""
     if window is not None:
         return _check_window(window, "window")
-    return SITE_WINDOWS.get(str(finding.extra.get("site", "")).lower(), SOFT_TISSUE_WINDOW)
+    site = finding.lesion.site if finding.lesion is not None else ""
+    return SITE_WINDOWS.get(site.lower(), SOFT_TISSUE_WINDOW)
 
 
 def apply_window(hu: np.ndarray, window: DisplayWindow) -> np.ndarray:
@@ -153,7 +158,7 @@ def key_slice(mask: np.ndarray) -> int:
 _LPS_LETTERS = (("R", "L"), ("A", "P"), ("F", "H"))
 
 
-def orientation_letters(direction: Sequence[float], *, min_component: float = 0.1) -> str:
+def orientation_letters(direction: Sequence[float] | np.ndarray, *, min_component: float = 0.1) -> str:
     """Patient direction of a unit vector in LPS as letters (PS3.3 C.7.6.1.1.1).
 
     ``[1, 0, 0]`` is ``"L"``; an oblique direction gets one letter per axis
@@ -167,7 +172,11 @@ def orientation_letters(direction: Sequence[float], *, min_component: float = 0.
 # --------------------------------------------------------------------------- rendering
 
 
-def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+#: A font Pillow can draw with: its bundled scalable one, or the bitmap fallback.
+_Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
+
+
+def _font(size: int) -> _Font:
     """Pillow's bundled scalable font: the same pixels on every machine, no system fonts needed.
 
     It has no em dash or superscripts, so the labels are plain ASCII.
@@ -178,12 +187,12 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-def _text_height(font: ImageFont.FreeTypeFont | ImageFont.ImageFont) -> int:
+def _text_height(font: _Font) -> int:
     left, top, right, bottom = font.getbbox("Ag|")
     return int(bottom)
 
 
-def _wrap(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: int) -> list[str]:
+def _wrap(text: str, font: _Font, width: int) -> list[str]:
     """``text`` broken at spaces into lines no wider than ``width`` pixels (a long word stays whole)."""
     lines: list[str] = []
     for word in text.split():
@@ -244,8 +253,8 @@ def render_key_image(
     footer: Sequence[TextLine],
     *,
     pixel_spacing: tuple[float, float] = (1.0, 1.0),
-    row_direction: Sequence[float] | None = None,
-    column_direction: Sequence[float] | None = None,
+    row_direction: Sequence[float] | np.ndarray | None = None,
+    column_direction: Sequence[float] | np.ndarray | None = None,
 ) -> RenderedKeyImage:
     """Window ``hu_slice``, outline ``mask_slice`` and add the text bands.
 
@@ -271,7 +280,7 @@ def render_key_image(
     margin = max(6, base // 2)
     gap = max(3, base // 4)
 
-    def layout(lines: Sequence[TextLine]) -> tuple[list[tuple[str, tuple[int, int, int], ImageFont.ImageFont]], int]:
+    def layout(lines: Sequence[TextLine]) -> tuple[list[tuple[str, tuple[int, int, int], _Font]], int]:
         placed = []
         height = margin
         for line in lines:
@@ -368,7 +377,7 @@ def _draw_pointer(draw: ImageDraw.ImageDraw, ring: np.ndarray, box: tuple[int, i
     draw.polygon([(left + tip[1], top + tip[0]), *barbs], fill=CONTOUR_RGB)
 
 
-def _boxed_text(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, font: ImageFont.ImageFont,
+def _boxed_text(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, font: _Font,
                 anchor: str) -> None:
     """Text on a small dark box, legible over any anatomy."""
     box = draw.textbbox(xy, text, font=font, anchor=anchor)
@@ -376,8 +385,9 @@ def _boxed_text(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, f
     draw.text(xy, text, font=font, fill=TEXT_RGB, anchor=anchor)
 
 
-def _draw_orientation(draw: ImageDraw.ImageDraw, font: ImageFont.ImageFont, box: tuple[int, int, int, int],
-                      row_direction: Sequence[float], column_direction: Sequence[float], margin: int) -> None:
+def _draw_orientation(draw: ImageDraw.ImageDraw, font: _Font, box: tuple[int, int, int, int],
+                      row_direction: Sequence[float] | np.ndarray, column_direction: Sequence[float] | np.ndarray,
+                      margin: int) -> None:
     """Patient direction letters at the middle of each edge of the picture (e.g. R left, A top)."""
     top, left, h, w = box
     row = np.asarray(row_direction, dtype=float)
@@ -394,7 +404,7 @@ def _draw_orientation(draw: ImageDraw.ImageDraw, font: ImageFont.ImageFont, box:
             _boxed_text(draw, xy, letters, font, anchor)
 
 
-def _draw_scale_bar(draw: ImageDraw.ImageDraw, font: ImageFont.ImageFont, box: tuple[int, int, int, int],
+def _draw_scale_bar(draw: ImageDraw.ImageDraw, font: _Font, box: tuple[int, int, int, int],
                     mm_per_px: float, margin: int) -> None:
     """A horizontal scale bar (5 to 100 mm, at most a quarter of the picture) in its bottom-right corner."""
     top, left, h, w = box
@@ -433,29 +443,29 @@ def finding_title(finding: SegmentFinding) -> str:
     """``"Pancreas lesion 1: malignant"``: the label, and the lesion type when the typing stage gave one."""
     label = " ".join(finding.label.split())
     title = label[:1].upper() + label[1:]
-    if finding.extra.get("type"):
-        title += f": {finding.extra['type']}"
+    if finding.lesion is not None and finding.lesion.type:
+        title += f": {finding.lesion.type}"
     return title
 
 
 def finding_details(finding: SegmentFinding) -> list[str]:
     """Size and score lines of a lesion, e.g. ``["long axis 14 mm, short axis 9 mm", "score 0.93"]``."""
-    extra = finding.extra
+    lesion = finding.lesion
     size = []
-    if "long_axis_mm" in extra:
-        size.append(f"long axis {_number(extra['long_axis_mm'], 'long_axis_mm', finding):.0f} mm")
-    if "short_axis_mm" in extra:
-        size.append(f"short axis {_number(extra['short_axis_mm'], 'short_axis_mm', finding):.0f} mm")
+    if lesion is not None and lesion.long_axis_mm is not None:
+        size.append(f"long axis {_number(lesion.long_axis_mm, 'long_axis_mm', finding):.0f} mm")
+    if lesion is not None and lesion.short_axis_mm is not None:
+        size.append(f"short axis {_number(lesion.short_axis_mm, 'short_axis_mm', finding):.0f} mm")
     volume_mm3 = _number(finding.volume_mm3, "volume_mm3", finding)
     # mm3 below 1 mL, as nodule volume thresholds are given (Lung-RADS, Fleischner).
     size.append(f"volume {volume_mm3:.0f} mm3" if volume_mm3 < 1000 else f"volume {volume_mm3 / 1000:.1f} mL")
     scores = []
-    if "score" in extra:
-        scores.append(f"score {_number(extra['score'], 'score', finding):.2f}")
-    if "malignancy" in extra:
-        scores.append(f"probability of malignancy {_number(extra['malignancy'], 'malignancy', finding):.2f}")
-    if extra.get("lung_rads"):
-        scores.append(f"Lung-RADS {extra['lung_rads']}")
+    if lesion is not None:
+        scores.append(f"score {_number(lesion.score, 'score', finding):.2f}")
+    if lesion is not None and lesion.malignancy is not None:
+        scores.append(f"probability of malignancy {_number(lesion.malignancy, 'malignancy', finding):.2f}")
+    if lesion is not None and lesion.lung_rads:
+        scores.append(f"Lung-RADS {lesion.lung_rads}")
     return [", ".join(size)] + ([", ".join(scores)] if scores else [])
 
 
@@ -475,7 +485,7 @@ _PATIENT_STUDY_TYPE3 = (
 
 
 def select_lesions(volume: CTVolume, findings: Sequence[SegmentFinding], max_images: int) -> list[SegmentFinding]:
-    """The lesion findings (``extra["role"] == "lesion"``) that get a key image, in finding-number order.
+    """The lesion findings (``finding.lesion`` set) that get a key image, in finding-number order.
 
     With more than ``max_images`` lesions the highest-scoring ones are kept
     (ties: the lower number). Every lesion is checked first: a bool mask on
@@ -484,7 +494,7 @@ def select_lesions(volume: CTVolume, findings: Sequence[SegmentFinding], max_ima
     Secondary Capture and the GSPS key images both use this selection, so
     the two options show the same lesions.
     """
-    lesions = [f for f in findings if f.extra.get("role") == "lesion"]
+    lesions = [f for f in findings if f.lesion is not None]
     for f in lesions:
         mask = np.asarray(f.mask)
         if mask.dtype != np.bool_ or mask.shape != volume.hu.shape:
@@ -499,7 +509,7 @@ def select_lesions(volume: CTVolume, findings: Sequence[SegmentFinding], max_ima
     if len(lesions) > max_images:
         LOG.warning("series %s: %d lesions, key images for the %d highest-scoring only",
                     volume.series_instance_uid, len(lesions), max_images)
-    chosen = sorted(lesions, key=lambda f: (-float(f.extra.get("score", 0.0)), f.number))[:max_images]
+    chosen = sorted(lesions, key=lambda f: (-(f.lesion.score if f.lesion else 0.0), f.number))[:max_images]
     chosen.sort(key=lambda f: f.number)
     return chosen
 
@@ -682,69 +692,73 @@ def _key_image_dataset(
     derivation: str,
     comments: str,
 ) -> Dataset:
-    """The SC Image IOD (PS3.3 A.8.1) around one rendered RGB picture."""
+    """The SC Image IOD (PS3.3 A.8.1) around one rendered RGB picture, built by highdicom's ``SCImage``.
+
+    ``SCImage`` writes the SOP Common, General Series, General Equipment, SC
+    Equipment, General Image, SC Image and Image Pixel modules (interleaved
+    8-bit RGB, Explicit VR Little Endian file meta); what it leaves out, and
+    the few values the node chooses otherwise, are set afterwards.
+    """
     date, time = when.strftime("%Y%m%d"), when.strftime("%H%M%S")
-    ds = Dataset()
-    charset = source_character_set(volume.first)
-    if charset is not None:
-        ds.SpecificCharacterSet = charset
-    # SOP Common (C.12.1)
-    ds.SOPClassUID = SECONDARY_CAPTURE_IMAGE_STORAGE
-    ds.SOPInstanceUID = sop_instance_uid
-    ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
-    ds.ContributingEquipmentSequence = [algorithm_equipment(algorithm)]
-    # Patient (C.7.1.1), General Study (C.7.2.1), Patient Study (C.7.2.2)
+    if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
+        raise ResultEncodingError(f"key image pixels must be uint8 RGB, got {pixels.dtype} {pixels.shape}")
+    row_letters = orientation_letters(volume.row_direction)
+    column_letters = orientation_letters(volume.column_direction)
+    ds = hd.sc.SCImage(
+        pixel_array=np.ascontiguousarray(pixels),
+        photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+        bits_allocated=8,
+        coordinate_system=hd.CoordinateSystemNames.PATIENT,
+        study_instance_uid=source.StudyInstanceUID,
+        series_instance_uid=series.series_instance_uid,
+        series_number=series.series_number,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=instance_number,
+        manufacturer=algorithm.manufacturer,
+        # highdicom's Patient Orientation values are single letters; the full
+        # (possibly oblique) letters are set below.
+        patient_orientation=(row_letters[0], column_letters[0]),
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        contributing_equipment=[algorithm_equipment(algorithm)],
+        series_description=series.series_description,
+        manufacturer_model_name=algorithm.model_name,
+        software_versions=algorithm.software_version,
+        device_serial_number=algorithm.device_uid,
+        content_date=date,
+        content_time=time,
+        series_date=date,
+        series_time=time,
+        specific_character_set=source_character_set(volume.first),
+    )
+    # Patient and study as the source has them, like the GSPS key images: highdicom
+    # refuses person names without "^" and Patient's Sex outside M/F/O, which real
+    # sources carry, and a key image must not fail on them.
     copy_patient_and_study(source, ds)
-    # General Series (C.7.3.1)
-    ds.Modality = KEY_IMAGE_MODALITY
-    ds.SeriesInstanceUID = series.series_instance_uid
-    ds.SeriesNumber = series.series_number
-    ds.SeriesDescription = series.series_description
-    ds.SeriesDate, ds.SeriesTime = date, time
     copy_body_part(source, ds)
-    # General Equipment (C.7.5.1) and SC Equipment (C.8.6.1)
-    ds.Manufacturer = algorithm.manufacturer
-    ds.ManufacturerModelName = algorithm.model_name
-    ds.SoftwareVersions = algorithm.software_version
-    ds.DeviceSerialNumber = algorithm.device_uid
-    set_device_uid(ds, algorithm)
+    # Values the node chooses otherwise than SCImage: one date and time
+    # (series.when) for every object of a run, not the clock at construction;
+    # Conversion Type WSD (a workstation rendering, not DI "digital interface");
+    # Image Type DERIVED\SECONDARY as the node has always written it (SCImage adds
+    # OTHER); oblique orientation letters (C.7.6.1.1.1).
+    ds.InstanceCreationDate, ds.InstanceCreationTime = DA(date), TM(time)
+    ds.DateOfSecondaryCapture, ds.TimeOfSecondaryCapture = DA(date), TM(time)
+    ds.Modality = KEY_IMAGE_MODALITY
     ds.ConversionType = CONVERSION_TYPE
+    ds.ImageType = ["DERIVED", "SECONDARY"]
+    # Type 2C without Image Orientation (Patient): the rendering keeps the source's
+    # row and column directions, so they are named; no position or spacing is claimed.
+    ds.PatientOrientation = [row_letters, column_letters]
+    # General Equipment (C.7.5.1) and SC Equipment (C.8.6.1): what SCImage does not set.
+    set_device_uid(ds, algorithm)
     ds.SecondaryCaptureDeviceID = fit_long_string(f"{algorithm.name} {algorithm.version}")
     ds.SecondaryCaptureDeviceManufacturer = algorithm.manufacturer
     ds.SecondaryCaptureDeviceManufacturerModelName = algorithm.model_name
     ds.SecondaryCaptureDeviceSoftwareVersions = algorithm.software_version
     # General Image (C.7.6.1)
-    ds.InstanceNumber = instance_number
-    # Type 2C without Image Orientation (Patient): the rendering keeps the source's
-    # row and column directions, so they are named; no position or spacing is claimed.
-    ds.PatientOrientation = [orientation_letters(volume.row_direction), orientation_letters(volume.column_direction)]
-    ds.ContentDate, ds.ContentTime = date, time
-    ds.ImageType = ["DERIVED", "SECONDARY"]
     ds.DerivationDescription = derivation[:1024]  # ST
     ds.SourceImageSequence = [reference]
     ds.ImageComments = comments[:10240]  # LT
     ds.BurnedInAnnotation = "YES"
-    # SC Image (C.8.6.2)
-    ds.DateOfSecondaryCapture, ds.TimeOfSecondaryCapture = date, time
-    # Image Pixel (C.7.6.3): interleaved 8-bit RGB
-    rows, columns, samples = pixels.shape
-    if samples != 3 or pixels.dtype != np.uint8:
-        raise ResultEncodingError(f"key image pixels must be uint8 RGB, got {pixels.dtype} {pixels.shape}")
-    ds.SamplesPerPixel = 3
-    ds.PhotometricInterpretation = "RGB"
-    ds.PlanarConfiguration = 0
-    ds.Rows, ds.Columns = rows, columns
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
-    ds.PixelRepresentation = 0
-    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
-    ds["PixelData"].VR = "OB"
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds.file_meta = meta
     return ds
 
 

@@ -32,8 +32,7 @@ The document is UNVERIFIED and PRELIMINARY: no person has checked it.
 from __future__ import annotations
 
 import math
-from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Sequence
 
 import highdicom as hd
 import numpy as np
@@ -43,8 +42,24 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from scipy import ndimage
 
-from pipelines.errors import ResultEncodingError
-from pipelines.clinical.findings import AlgorithmIdentity, CodeSpec, SegmentFinding
+from pipelines.clinical.findings import (
+    LESION_ROLE,
+    AlgorithmIdentity,
+    CodeSpec,
+    SegmentFinding,
+)
+from pipelines.clinical.results import (
+    ABSENT,
+    NOT_EVALUABLE,
+    NOTHING_MEASURED,
+    PRESENT,
+    BoneDensityResult,
+    BundleMeasurements,
+    LungNodule,
+    SiteResult,
+    SteatosisResult,
+)
+from pipelines.clinical.risk import RiskAssessment, RiskPolicy, RiskPolicyError
 from pipelines.dicom_out.segmentation import (
     LABEL_MAP_SEGMENTATION_STORAGE,
     SEGMENTATION_STORAGE,
@@ -55,11 +70,8 @@ from pipelines.dicom_out.segmentation import (
     set_device_uid,
     source_character_set,
 )
-from pipelines.clinical.risk import ABSENT, NOT_EVALUABLE, PRESENT, RiskAssessment, RiskPolicy, RiskPolicyError
+from pipelines.errors import ResultEncodingError
 from pipelines.volume.ct import CTVolume
-
-if TYPE_CHECKING:  # analysis imports this module
-    from pipelines.analysis import SiteResult
 
 COMPREHENSIVE_3D_SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.34"
 
@@ -220,17 +232,20 @@ def _measurement_group(
             derivation=codes.SCT.Mean,
         ),
     ]
-    # Lesions (pipelines.analysis): axial long and short axes, and the typing stage's probability of cancer.
-    for key, name in (("long_axis_mm", codes.SCT.LongAxis), ("short_axis_mm", codes.SCT.ShortAxis)):
-        if key in seg.extra:
+    # Lesions: axial long and short axes, and the typing stage's probability of cancer.
+    lesion = seg.lesion
+    if lesion is not None:
+        for key, name, axis in (("long_axis_mm", codes.SCT.LongAxis, lesion.long_axis_mm),
+                                ("short_axis_mm", codes.SCT.ShortAxis, lesion.short_axis_mm)):
+            if axis is not None:
+                measurements.append(hd.sr.Measurement(
+                    name=name, value=_finite(axis, f"segment {seg.number} {key}"), unit=codes.UCUM.Millimeter))
+        if lesion.malignancy is not None:
             measurements.append(hd.sr.Measurement(
-                name=name, value=_finite(seg.extra[key], f"segment {seg.number} {key}"), unit=codes.UCUM.Millimeter))
-    if "malignancy" in seg.extra:
-        measurements.append(hd.sr.Measurement(
-            name=codes.DCM.ProbabilityOfCancer,
-            value=_finite(seg.extra["malignancy"], f"segment {seg.number} probability of cancer"),
-            unit=codes.UCUM.NoUnits,
-        ))
+                name=codes.DCM.ProbabilityOfCancer,
+                value=_finite(lesion.malignancy, f"segment {seg.number} probability of cancer"),
+                unit=codes.UCUM.NoUnits,
+            ))
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         referenced_segment=referenced_segment, measurements=measurements, **_finding_identity(seg, algorithm_id))
 
@@ -253,10 +268,10 @@ def _finding_identity(seg: SegmentFinding, algorithm_id: hd.sr.AlgorithmIdentifi
 
 def is_lesion(seg: SegmentFinding) -> bool:
     """Whether a segment is a lesion (analysis role, or the SEG lesion category SCT 49755003)."""
-    return seg.extra.get("role") == "lesion" or seg.category.value == "49755003"
+    return seg.role == LESION_ROLE or seg.category.value == "49755003"
 
 
-def voxel_to_patient(volume: CTVolume, index_zyx: Sequence[float]) -> np.ndarray:
+def voxel_to_patient(volume: CTVolume, index_zyx: Sequence[float] | np.ndarray) -> np.ndarray:
     """Patient (LPS, mm) coordinates of a possibly fractional (slice, row, column) index.
 
     PS3.3 C.7.6.2.1.1: a pixel at row ``r``, column ``c`` of a frame lies at
@@ -274,7 +289,7 @@ def voxel_to_patient(volume: CTVolume, index_zyx: Sequence[float]) -> np.ndarray
     else:
         k0 = min(max(int(math.floor(k)), 0), count - 2)
         base = positions[k0] + (k - k0) * (positions[k0 + 1] - positions[k0])
-    return (
+    return np.asarray(
         base
         + r * volume.pixel_spacing[0] * np.asarray(volume.column_direction, dtype=float)
         + c * volume.pixel_spacing[1] * np.asarray(volume.row_direction, dtype=float)
@@ -334,7 +349,7 @@ def _point_group(
 
 
 def _code(name: hd.sr.CodedConcept, value: hd.sr.CodedConcept, relationship: Relationship,
-          children: Sequence[Dataset] = ()) -> hd.sr.CodeContentItem:
+          children: Sequence[hd.sr.ContentItem] = ()) -> hd.sr.CodeContentItem:
     item = hd.sr.CodeContentItem(name=name, value=value, relationship_type=relationship)
     if children:
         item.ContentSequence = hd.sr.ContentSequence(list(children))
@@ -356,8 +371,8 @@ def _num(
     relationship: Relationship = Relationship.INFERRED_FROM,
     derivation: Code | None = None,
     site: hd.sr.CodedConcept | None = None,
-    context: Sequence[Dataset] = (),
-) -> Dataset:
+    context: Sequence[hd.sr.ContentItem] = (),
+) -> hd.sr.ContentItem:
     """A TID 300 NUM (derivation and finding site as concept modifiers) under a qualitative evaluation."""
     measurement = hd.sr.Measurement(
         name=name,
@@ -367,6 +382,8 @@ def _num(
         finding_sites=[hd.sr.FindingSite(anatomic_location=site)] if site is not None else None,
     )
     item = measurement[0]
+    if not isinstance(item, hd.sr.ContentItem):  # highdicom types the sequence items as Dataset
+        raise ResultEncodingError(f"{what}: highdicom made a {type(item).__name__}, not a NUM content item")
     item.RelationshipType = relationship.value
     if context:
         # e.g. the tube voltage a HU value was measured at (HAS ACQ CONTEXT, PS3.3 Table A.35.13-2)
@@ -376,10 +393,10 @@ def _num(
 
 
 def _site_evaluation(
-    site: "SiteResult", assessment: RiskAssessment, lesions: Sequence[SegmentFinding]
+    site: SiteResult, assessment: RiskAssessment, lesions: Sequence[SegmentFinding]
 ) -> hd.sr.CodeContentItem:
     """One screened site: its finding code = Present / Absent / Undetermined, with why."""
-    children: list[Dataset] = []
+    children: list[hd.sr.ContentItem] = []
     if assessment.status == NOT_EVALUABLE:
         children.append(_text(NOT_EVALUABLE_REASON, site.reason or "reason not recorded", Relationship.HAS_PROPERTIES))
     else:
@@ -396,118 +413,110 @@ def _site_evaluation(
     return _code(coded(site.finding), STATUS_CODES[assessment.status], Relationship.CONTAINS, children)
 
 
-def _bone_density_evaluation(bone: Mapping[str, Any]) -> hd.sr.CodeContentItem:
+def _bone_density_evaluation(bone: BoneDensityResult) -> hd.sr.CodeContentItem:
     """Finding (DCM 121071) = Osteoporosis / Osteopenia / Normal bone density / Undetermined at L1 or T12."""
-    if not bone.get("evaluable"):
-        reason = str(bone.get("level_reason") or "reason not recorded")
+    if not bone.evaluable or bone.level is None:
         return _code(codes.DCM.Finding, UNDETERMINED_CODE, Relationship.CONTAINS,
-                     [_text(NOT_EVALUABLE_REASON, reason, Relationship.HAS_PROPERTIES)])
-    category, level = bone.get("category"), bone.get("level")
-    if category not in BONE_DENSITY_CODES:
-        raise ResultEncodingError(f"bone_density.category {category!r} is not one of {sorted(BONE_DENSITY_CODES)}")
-    if level not in VERTEBRA_CODES:
-        raise ResultEncodingError(f"bone_density.level {level!r} is not one of {sorted(VERTEBRA_CODES)}")
-    vertebra = VERTEBRA_CODES[level]
-    kvp = bone.get("kvp")
+                     [_text(NOT_EVALUABLE_REASON, bone.level_reason or "reason not recorded",
+                            Relationship.HAS_PROPERTIES)])
+    if bone.category not in BONE_DENSITY_CODES:
+        raise ResultEncodingError(f"bone_density.category {bone.category!r} is not one of {sorted(BONE_DENSITY_CODES)}")
+    vertebra = VERTEBRA_CODES[bone.level]
+    kvp = bone.kvp
     context = []
     if kvp is not None:
         context.append(_num(KVP, kvp, UNIT_KV, "bone_density.kvp", relationship=Relationship.HAS_ACQ_CONTEXT))
     # Which level and why, the tube voltage (HU thresholds hold at 120 kVp) and the caveats.
-    basis = [str(bone.get("level_reason") or level)]
+    basis = [bone.level_reason or bone.level]
     if kvp is not None:
         basis.append(f"acquired at {_finite(kvp, 'bone_density.kvp'):g} kVp")
-    if bone.get("high_suspicion"):
+    if bone.high_suspicion:
         basis.append("trabecular mean below 100 HU: high suspicion of osteoporosis")
-    notes = [str(note) for note in bone.get("notes") or ()]
-    basis.extend(notes)
-    if kvp is None and not any("kVp" in note for note in notes):
+    basis.extend(bone.notes)
+    if kvp is None and not any("kVp" in note for note in bone.notes):
         basis.append("kVp not recorded")
     children = [
         _code(codes.SCT.FindingSite, vertebra, Relationship.HAS_CONCEPT_MOD),
-        _num(codes.DCM.AttenuationCoefficient, bone.get("mean_hu"), UNIT_HU, "bone_density.mean_hu",
+        _num(codes.DCM.AttenuationCoefficient, bone.mean_hu, UNIT_HU, "bone_density.mean_hu",
              derivation=codes.SCT.Mean, site=vertebra, context=context),
         _text(ASSESSMENT_BASIS, "; ".join(basis), Relationship.HAS_PROPERTIES),
     ]
-    return _code(codes.DCM.Finding, BONE_DENSITY_CODES[category], Relationship.CONTAINS, children)
+    return _code(codes.DCM.Finding, BONE_DENSITY_CODES[bone.category], Relationship.CONTAINS, children)
 
 
-def _steatosis_evaluation(fat: Mapping[str, Any]) -> hd.sr.CodeContentItem:
+def _steatosis_evaluation(fat: SteatosisResult) -> hd.sr.CodeContentItem:
     """Steatosis of liver (SCT 197321007) = Present / Absent / Undetermined, graded, with the means."""
-    if not fat.get("evaluable"):
-        reason = str(fat.get("reason") or "reason not recorded")
+    if not fat.evaluable:
         return _code(STEATOSIS_OF_LIVER, UNDETERMINED_CODE, Relationship.CONTAINS,
-                     [_text(NOT_EVALUABLE_REASON, reason, Relationship.HAS_PROPERTIES)])
-    grade = fat.get("grade")
+                     [_text(NOT_EVALUABLE_REASON, fat.reason or "reason not recorded", Relationship.HAS_PROPERTIES)])
+    grade = fat.grade
     if grade not in STEATOSIS_GRADES:
         raise ResultEncodingError(f"steatosis.grade {grade!r} is not one of {list(STEATOSIS_GRADES)}")
-    children: list[Dataset] = []
+    children: list[hd.sr.ContentItem] = []
     if grade != "none":
-        children.append(_text(SEVERITY, str(grade), Relationship.HAS_PROPERTIES))
-    children.append(_num(codes.DCM.AttenuationCoefficient, fat.get("liver_mean_hu"), UNIT_HU,
+        children.append(_text(SEVERITY, grade, Relationship.HAS_PROPERTIES))
+    children.append(_num(codes.DCM.AttenuationCoefficient, fat.liver_mean_hu, UNIT_HU,
                          "steatosis.liver_mean_hu", derivation=codes.SCT.Mean, site=LIVER))
-    if fat.get("spleen_mean_hu") is not None:
-        children.append(_num(codes.DCM.AttenuationCoefficient, fat["spleen_mean_hu"], UNIT_HU,
+    if fat.spleen_mean_hu is not None:
+        children.append(_num(codes.DCM.AttenuationCoefficient, fat.spleen_mean_hu, UNIT_HU,
                              "steatosis.spleen_mean_hu", derivation=codes.SCT.Mean, site=SPLEEN))
-    if fat.get("reason"):
-        children.append(_text(ASSESSMENT_BASIS, str(fat["reason"]), Relationship.HAS_PROPERTIES))
+    if fat.reason:
+        children.append(_text(ASSESSMENT_BASIS, fat.reason, Relationship.HAS_PROPERTIES))
     value = ABSENT_CODE if grade == "none" else PRESENT_CODE
     return _code(STEATOSIS_OF_LIVER, value, Relationship.CONTAINS, children)
 
 
 def _lung_nodule_evaluation(
-    nodule: Mapping[str, Any], index: int, by_label: Mapping[str, SegmentFinding]
+    nodule: LungNodule, index: int, by_label: dict[str, SegmentFinding]
 ) -> hd.sr.CodeContentItem:
     """Lung-RADS v2022 category (private code) of one nodule, with its size and its lesion's Tracking UID."""
-    category = str(nodule.get("lung_rads"))
-    if category not in LUNG_RADS_CODES:
+    if nodule.lung_rads not in LUNG_RADS_CODES:
         raise ResultEncodingError(
-            f"lung_nodules[{index}].lung_rads {category!r} is not one of {sorted(LUNG_RADS_CODES)}")
-    children: list[Dataset] = [
-        _num(DIAMETER, nodule.get("mean_diameter_mm"), codes.UCUM.Millimeter,
+            f"lung_nodules[{index}].lung_rads {nodule.lung_rads!r} is not one of {sorted(LUNG_RADS_CODES)}")
+    children: list[hd.sr.ContentItem] = [
+        _num(DIAMETER, nodule.mean_diameter_mm, codes.UCUM.Millimeter,
              f"lung_nodules[{index}].mean_diameter_mm", derivation=codes.SCT.Mean),
     ]
-    if nodule.get("volume_mm3") is not None:
-        children.append(_num(codes.SCT.Volume, nodule["volume_mm3"], UNIT_MM3, f"lung_nodules[{index}].volume_mm3"))
-    lesion = by_label.get(str(nodule.get("label")))
+    if nodule.volume_mm3 is not None:
+        children.append(_num(codes.SCT.Volume, nodule.volume_mm3, UNIT_MM3, f"lung_nodules[{index}].volume_mm3"))
+    lesion = by_label.get(nodule.label)
     if lesion is not None:
         children.append(hd.sr.UIDRefContentItem(
             name=codes.DCM.TrackingUniqueIdentifier, value=lesion.tracking_uid,
             relationship_type=Relationship.HAS_PROPERTIES))
-    return _code(LUNG_RADS_CATEGORY, LUNG_RADS_CODES[category], Relationship.CONTAINS, children)
+    return _code(LUNG_RADS_CATEGORY, LUNG_RADS_CODES[nodule.lung_rads], Relationship.CONTAINS, children)
 
 
 def qualitative_evaluation_items(
     segments: Sequence[SegmentFinding],
-    sites: Sequence["SiteResult"],
-    measurements: Mapping[str, Any],
+    sites: Sequence[SiteResult],
+    measurements: BundleMeasurements,
     risk: RiskPolicy,
-) -> list[Dataset]:
+) -> list[hd.sr.ContentItem]:
     """The patient-level items of the Qualitative Evaluations container (after the research Comment)."""
-    items: list[Dataset] = []
+    items: list[hd.sr.ContentItem] = []
     for site in sites:
         try:
             assessment = risk.assess(site)
         except RiskPolicyError as exc:
-            raise ResultEncodingError(f"site {getattr(site, 'site', site)!r}: {exc}") from exc
-        if not isinstance(site.finding, CodeSpec):
-            raise ResultEncodingError(f"site {site.site!r}: finding must be a CodeSpec, got {site.finding!r}")
-        lesions = [s for s in segments if is_lesion(s) and s.extra.get("site") == site.site]
+            raise ResultEncodingError(f"site {site.site!r}: {exc}") from exc
+        lesions = [s for s in segments if s.lesion is not None and s.lesion.site == site.site]
         items.append(_site_evaluation(site, assessment, lesions if assessment.status == PRESENT else []))
-    if not isinstance(measurements, Mapping):
-        raise ResultEncodingError(f"measurements must be a mapping, got {type(measurements).__name__}")
-    if measurements.get("bone_density") is not None:
-        items.append(_bone_density_evaluation(measurements["bone_density"]))
-    if measurements.get("steatosis") is not None:
-        items.append(_steatosis_evaluation(measurements["steatosis"]))
+    if not isinstance(measurements, BundleMeasurements):
+        raise ResultEncodingError(f"measurements must be BundleMeasurements, got {type(measurements).__name__}")
+    if measurements.bone_density is not None:
+        items.append(_bone_density_evaluation(measurements.bone_density))
+    if measurements.steatosis is not None:
+        items.append(_steatosis_evaluation(measurements.steatosis))
     by_label = {s.label: s for s in segments}
-    for index, nodule in enumerate(measurements.get("lung_nodules") or ()):
+    for index, nodule in enumerate(measurements.lung_nodules or ()):
         items.append(_lung_nodule_evaluation(nodule, index, by_label))
     return items
 
 
-def _qualitative_evaluations(research_notice: str, items: Sequence[Dataset]) -> hd.sr.ContainerContentItem | None:
+def _qualitative_evaluations(research_notice: str, items: Sequence[hd.sr.ContentItem]) -> hd.sr.ContainerContentItem | None:
     """TID 1500 row 12 container: the research Comment (DCM 121106, row 14) first, then ``items``."""
-    content: list[Dataset] = []
+    content: list[hd.sr.ContentItem] = []
     if research_notice.strip():  # an empty notice (labelling turned off) writes no Comment
         content.append(hd.sr.TextContentItem(
             name=codes.DCM.Comment, value=research_notice.strip(), relationship_type=Relationship.CONTAINS))
@@ -550,8 +559,8 @@ def build_measurement_report(
     research_notice: str,
     procedure_reported: CodeSpec = DEFAULT_PROCEDURE,
     previous_versions: Sequence[Dataset] = (),
-    sites: Sequence["SiteResult"] = (),
-    measurements: Mapping[str, Any] = MappingProxyType({}),
+    sites: Sequence[SiteResult] = (),
+    measurements: BundleMeasurements = NOTHING_MEASURED,
     risk: RiskPolicy | None = None,
     points: str = "none",
 ) -> hd.sr.Comprehensive3DSR:
@@ -564,9 +573,9 @@ def build_measurement_report(
     it is empty). ``previous_versions`` are the earlier SRs of the same source
     series that this one supersedes (Predecessor Documents Sequence).
 
-    ``sites`` (per-site answers, :class:`pipelines.analysis.SiteResult`) and
-    ``measurements`` (``BundleResult.measurements``: ``bone_density``,
-    ``steatosis``, ``lung_nodules``) are encoded as qualitative evaluations;
+    ``sites`` (per-site answers, :class:`pipelines.clinical.results.SiteResult`) and
+    ``measurements`` (:class:`pipelines.clinical.results.BundleMeasurements`: bone density,
+    steatosis, lung nodules) are encoded as qualitative evaluations;
     ``risk`` gives the tiers and referral flags of the sites (the default
     :class:`RiskPolicy` when None). ``points`` is one of :data:`POINTS`:
     with "lesions" each lesion segment (:func:`is_lesion`), with "all" every
@@ -606,7 +615,8 @@ def build_measurement_report(
         name=algorithm.name, version=algorithm.version, family=coded(algorithm.family)
     )
     try:
-        groups: list = []
+        groups: list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+                     | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations] = []
         for seg in ordered:
             groups.append(_measurement_group(volume, seg, segmentation, algorithm_id))
             if points == "all" or (points == "lesions" and is_lesion(seg)):

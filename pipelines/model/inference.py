@@ -31,6 +31,7 @@ from scipy import ndimage
 from pipelines.errors import ModelError
 from pipelines.model.manifest import Stage
 from pipelines.model.bundle import ModelBundle
+from pipelines.timing import StageTiming
 from pipelines.volume.ct import CTVolume
 
 LOG = logging.getLogger(__name__)
@@ -347,10 +348,11 @@ class CascadeRunner:
         self,
         grids: VolumeGrids,
         components: Callable[[Stage, dict[str, StageOutput]], list[np.ndarray]] | None = None,
-        timings: dict[str, float] | None = None,
+        timings: list[StageTiming] | None = None,
     ) -> dict[str, StageOutput]:
         """Every stage in manifest order. ``components(stage, outputs)`` gives, for a
-        classification stage, the centres (mm in the LPS box) of the components to classify."""
+        classification stage, the centres (mm in the LPS box) of the components to classify;
+        each stage that ran appends its :class:`StageTiming` to ``timings``."""
         outputs: dict[str, StageOutput] = {}
         for stage in self.bundle.manifest.stages:
             start = time.perf_counter()
@@ -376,7 +378,7 @@ class CascadeRunner:
                                                 skipped=None if centres else "no components to classify")
             outputs[stage.id].seconds = time.perf_counter() - start
             if timings is not None:
-                timings[f"model {self.bundle.manifest.id}/{stage.id}"] = outputs[stage.id].seconds
+                timings.append(StageTiming(stage.id, outputs[stage.id].seconds, self.bundle.manifest.id, model=True))
         return outputs
 
     def classify(self, stage: Stage, grids: VolumeGrids, centres_mm: list[np.ndarray]) -> list[np.ndarray]:

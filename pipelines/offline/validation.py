@@ -150,13 +150,14 @@ def evaluate_case(analyzer: Any, case: Path, min_diameter_mm: float) -> dict[str
         for site in spec.sites:
             result = by_site[site.site]
             truth_lesions = [t for t in truth.get("lesions", []) if t["site"] == site.site]
-            reported = [f for f in findings if f.extra.get("site") == site.site]
+            reported = [f for f in findings if f.lesion is not None and f.lesion.site == site.site]
             records = []
             for t in truth_lesions:
                 hits = [f for f in reported if (f.mask & (lesion_map == t["number"])).any()]
                 typed = None
-                if hits and "type" in t and "type" in hits[0].extra:
-                    typed = hits[0].extra["type"] == t["type"]
+                facts = hits[0].lesion if hits else None
+                if facts is not None and "type" in t and facts.type is not None:
+                    typed = facts.type == t["type"]
                 records.append({"diameter_mm": float(t["diameter_mm"]), "hit": bool(hits), "typed": typed})
             sites[site.site] = {"status": result.status, "score": float(result.score), "lesions": records}
     return {"case": case.name, "seconds": seconds, "dice": dice_scores, "sites": sites}

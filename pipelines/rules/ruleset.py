@@ -54,7 +54,14 @@ from pydicom.tag import BaseTag, Tag
 from pydicom.valuerep import DSfloat
 
 from pipelines.errors import PacsAiError, SeriesRejected
-from pipelines.volume.ct import check_geometry, plane_of
+from pipelines.volume.geometry import (
+    check_geometry,
+    coverage_mm,
+    distance_along,
+    median_step,
+    plane_of,
+    slice_normal,
+)
 
 #: The rules the node applies when no rules file is configured.
 DEFAULT_RULES_PATH = Path(__file__).with_name("default_rules.toml")
@@ -80,7 +87,9 @@ DERIVED_VALUES: dict[str, tuple[type, str]] = {
     "coverage_mm": (float, "length covered along the normal: first to last slice position plus one spacing"),
     "orientation": (str, "AXIAL, CORONAL, SAGITTAL or OBLIQUE, from the first slice's Image Orientation (Patient)"),
     "gantry_tilt_deg": (float, "largest |Gantry/Detector Tilt| of any slice; 0 when not recorded"),
-    "geometry_problem": (str, "first geometry inconsistency found (pipelines.volume.check_geometry), empty if none"),
+    "geometry_problem": (
+        str, "first geometry inconsistency found (pipelines.volume.geometry.check_geometry), empty if none"
+    ),
 }
 
 _GROUPS = ("all", "any", "not")
@@ -276,7 +285,7 @@ def _element_values(value: Any) -> list[Any]:
     if value is None:
         return []
     items = list(value) if isinstance(value, (MultiValue, list, tuple)) else [value]
-    out = []
+    out: list[bytes | bytearray | int | float | str] = []
     for v in items:
         if v is None:
             continue
@@ -318,9 +327,9 @@ class Check:
     def holds(self, seen: Observed) -> bool:
         op, x, values = self.operator, self.operand, seen.values
         if op == "present":
-            return seen.present == x
+            return bool(seen.present == x)
         if op == "empty":
-            return (not values) == x
+            return bool((not values) == x)
         if not values:
             return False
         if op == "equals":
@@ -583,18 +592,18 @@ def series_values(headers: Sequence[Dataset], views: Sequence[SliceView] | None 
 
     normal = None
     for view in views:
-        iop = _numbers(observe(view, orientation_path).values)
-        if len(iop) == 6 and np.linalg.norm(np.cross(iop[:3], iop[3:])) > 0.5:
-            normal = np.cross(iop[:3], iop[3:])
-            normal /= np.linalg.norm(normal)
+        normal = slice_normal(_numbers(observe(view, orientation_path).values))
+        if normal is not None:
             break
     spacing = coverage = None
     if normal is not None:
         positions = [_numbers(observe(v, position_path).values) for v in views]
-        distances = sorted({round(float(np.dot(p, normal)), 3) for p in positions if len(p) == 3})
+        # Rounded to 1 um and distinct: the values describe the series even when
+        # check_geometry rejects it (duplicates, gaps), which geometry_problem reports.
+        distances = sorted({round(distance_along(p, normal), 3) for p in positions if len(p) == 3})
         if len(distances) >= 2:
-            spacing = round(float(np.median(np.diff(distances))), 3)
-            coverage = round(distances[-1] - distances[0] + spacing, 2)
+            spacing = round(median_step(distances), 3)
+            coverage = round(coverage_mm(distances[0], distances[-1], spacing), 2)
     tilts = [abs(t) for v in views for t in _numbers(observe(v, tilt_path).values)]
     try:
         check_geometry(list(headers), require_ct=False)

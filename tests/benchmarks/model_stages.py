@@ -28,7 +28,9 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from pipelines.offline import phantom  # noqa: E402
-from pipelines.analysis import SeriesAnalyzer, _BundleRun  # noqa: E402
+from pipelines.analysis import SeriesAnalyzer  # noqa: E402
+from pipelines.model.run import BundleRun  # noqa: E402
+from pipelines.timing import StageTiming  # noqa: E402
 from pipelines.model.inference import CascadeRunner, VolumeGrids  # noqa: E402
 from pipelines.model.bundle import ModelBundle  # noqa: E402
 from pipelines.volume.ct import load_series  # noqa: E402
@@ -82,12 +84,12 @@ def main(argv: list[str] | None = None) -> int:
         for spacing in sorted({s.target_spacing_mm for s in bundle.manifest.stages if s.task == "segmentation"}):
             grids.at(spacing)
         timings["resample (all stage spacings)"] = time.perf_counter() - t0
-        run = _BundleRun(bundle, grids, volume)
-        stage_times: dict[str, float] = {}
+        run = BundleRun(bundle, grids, volume)
+        stage_times: list[StageTiming] = []
         run.outputs = CascadeRunner(bundle).run(grids, components=run.typing_centres, timings=stage_times)
-        for name, seconds in stage_times.items():
-            out = run.outputs[name.rsplit("/", 1)[-1]]
-            timings[f"{name} ({out.patches} patches)"] = seconds
+        for stage in stage_times:
+            out = run.outputs[stage.stage]
+            timings[f"{stage.label} ({out.patches} patches)"] = stage.seconds
         t0 = time.perf_counter()
         findings, sites, measurements = analyzer.findings_of(run)
         timings["postprocess + measurements"] = time.perf_counter() - t0

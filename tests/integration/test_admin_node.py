@@ -11,7 +11,9 @@ import pydicom
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import REPO, abdomen_files, storescu, wait_for
+from support.data import REPO, abdomen_files
+from support.dcmtk import storescu
+from support.processes import wait_for
 from node.observe.audit import read_events
 
 

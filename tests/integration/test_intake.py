@@ -15,36 +15,20 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
-from conftest import abdomen_files, storescu, wait_for
-from node.service import adopt_unrecorded
+from support.data import abdomen_files
+from support.dcmtk import storescu
+from support.node import transfers_audited
+from support.series import copy_series
+from support.processes import wait_for
+from node.store.recovery import adopt_unrecorded
 from node.store.spool import Spool, write_durably
 from node.store.state import StateStore
-from validators import dciodvfy
+from support.validators import dciodvfy
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
-
-
-def series_copy(folder: Path, count: int | None = None, skip: tuple[int, ...] = (), **changes: object) -> list[Path]:
-    """The abdomen series (or its first ``count`` slices) with new UIDs and optional header changes."""
-    folder.mkdir(parents=True, exist_ok=True)
-    series = generate_uid()
-    out = []
-    for i, src in enumerate(abdomen_files()[:count]):
-        if i in skip:
-            continue
-        ds = pydicom.dcmread(src)
-        ds.SeriesInstanceUID = series
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        for keyword, value in changes.items():
-            setattr(ds, keyword, value)
-        path = folder / f"{i:04d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        out.append(path)
-    return out
 
 
 def series_row(data_dir: Path, series_uid: str) -> dict | None:
@@ -91,7 +75,7 @@ def scu_send(port: int, files: list[Path], results: dict, key: str, calling: str
 def test_concurrent_associations_keep_series_apart(start_node, tmp_path: Path) -> None:
     # The quiet timer is long: each series finishes because its association released it whole.
     node = start_node("--quiet-seconds", "120")
-    batches = {name: series_copy(tmp_path / name, count=30) for name in ("pacs-a", "pacs-b", "modality")}
+    batches = {name: copy_series(tmp_path / name, count=30).files for name in ("pacs-a", "pacs-b", "modality")}
     results: dict[str, list] = {}
     threads = [threading.Thread(target=scu_send, args=(node.port, files, results, name, name.upper()))
                for name, files in batches.items()]
@@ -110,6 +94,8 @@ def test_concurrent_associations_keep_series_apart(start_node, tmp_path: Path) -
         spooled = sorted((node.data_dir / "spool").glob(f"*/{uid}/*.dcm"))
         assert len(spooled) == 30
         assert {pydicom.dcmread(p, stop_before_pixels=True).SeriesInstanceUID for p in spooled} == {uid}
+    # Each association's line is logged as it ends, which may follow the series' completion.
+    wait_for(lambda: node.output().count("30 instances stored, 0 refused") >= 3, 10, what="three association lines")
     assert "3 instances stored" not in node.output()
     assert node.output().count("30 instances stored, 0 refused") == 3
 
@@ -135,7 +121,7 @@ def test_association_limit_rejects_with_local_limit_exceeded(start_node, tmp_pat
 
 def test_disk_watermark_refuses_with_out_of_resources(start_node, tmp_path: Path) -> None:
     node = start_node("--config", str(config_file(tmp_path, "[node]\nmin_free_disk_mb = 1000000000\n")))
-    files = series_copy(tmp_path / "s", count=2)
+    files = copy_series(tmp_path / "s", count=2).files
     results: dict[str, list] = {}
     scu_send(node.port, files, results, "s")
     assert results["s"] == [0xA700, 0xA700]
@@ -145,12 +131,11 @@ def test_disk_watermark_refuses_with_out_of_resources(start_node, tmp_path: Path
 
 def test_a_series_with_a_gap_waits_for_the_quiet_timer(start_node, tmp_path: Path) -> None:
     node = start_node("--quiet-seconds", "4")
-    files = series_copy(tmp_path / "gap", count=20, skip=(10,))
+    files = copy_series(tmp_path / "gap", count=20, skip=(10,)).files
     assert storescu(node.port, files).returncode == 0
     uid = series_uid_of(files)
     released = time.monotonic()
-    wait_for(lambda: series_row(node.data_dir, uid), 10, what="series recorded")
-    time.sleep(1.0)
+    wait_for(lambda: transfers_audited(node.data_dir), 10, what="the association's end handled (audited)")
     assert series_row(node.data_dir, uid)["state"] == "receiving"  # not complete on release: a slice is missing
     row = wait_for(lambda: (r := series_row(node.data_dir, uid)) and r["state"] in ("rejected", "done") and r, 30,
                    what="series decided")
@@ -162,11 +147,10 @@ def test_a_series_with_a_gap_waits_for_the_quiet_timer(start_node, tmp_path: Pat
 def test_completion_on_release_can_be_turned_off(start_node, tmp_path: Path) -> None:
     node = start_node("--quiet-seconds", "3",
                       "--config", str(config_file(tmp_path, "[series]\ncomplete_on_release = false\n")))
-    files = series_copy(tmp_path / "s", count=20)
+    files = copy_series(tmp_path / "s", count=20).files
     assert storescu(node.port, files).returncode == 0
     uid = series_uid_of(files)
-    wait_for(lambda: series_row(node.data_dir, uid), 10, what="series recorded")
-    time.sleep(1.0)
+    wait_for(lambda: transfers_audited(node.data_dir), 10, what="the association's end handled (audited)")
     assert series_row(node.data_dir, uid)["state"] == "receiving"
     row = wait_for(lambda: (r := series_row(node.data_dir, uid)) and r["state"] == "done" and r, 30,
                    what="series processed")
@@ -175,7 +159,7 @@ def test_completion_on_release_can_be_turned_off(start_node, tmp_path: Path) -> 
 
 def test_contrast_series_is_rejected_with_its_reason(start_node, tmp_path: Path) -> None:
     node = start_node()
-    files = series_copy(tmp_path / "contrast", count=20, ContrastBolusAgent="IOMEPROL 350")
+    files = copy_series(tmp_path / "contrast", count=20, ContrastBolusAgent="IOMEPROL 350").files
     assert storescu(node.port, files).returncode == 0
     uid = series_uid_of(files)
     row = wait_for(lambda: (r := series_row(node.data_dir, uid)) and r["state"] == "rejected" and r, 30,
@@ -187,7 +171,7 @@ def test_contrast_series_is_rejected_with_its_reason(start_node, tmp_path: Path)
 def test_late_instances_make_a_superseding_version(orthanc, start_node, tmp_path: Path, have_tools: None) -> None:
     node = start_node("--send-to", f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}", "--quiet-seconds", "2",
                       port=orthanc.node_port)
-    files = series_copy(tmp_path / "s")
+    files = copy_series(tmp_path / "s").files
     uid = series_uid_of(files)
     study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
     assert storescu(node.port, files[:80]).returncode == 0
@@ -285,7 +269,7 @@ def test_stow_rs_through_the_running_node(start_node, tmp_path: Path) -> None:
     import subprocess
 
     node = start_node("--quiet-seconds", "120")
-    files = series_copy(tmp_path / "stow", count=20)
+    files = copy_series(tmp_path / "stow", count=20).files
     boundary = "pacs-ai-node-test-boundary"
     body = b"".join(
         f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + p.read_bytes() + b"\r\n" for p in files

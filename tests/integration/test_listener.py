@@ -12,7 +12,8 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 
-from conftest import DATA, abdomen_files, dcmtk, storescu
+from support.data import DATA, abdomen_files
+from support.dcmtk import dcmtk, storescu
 
 CT_SMALL = DATA / "single-slices" / "CT_small.dcm"
 
@@ -131,7 +132,8 @@ def test_calling_ae_allow_list(start_node, tmp_path: Path) -> None:
     files = abdomen_files()[:3]
     refused = storescu(node.port, files, calling="STRANGER")
     assert refused.returncode != 0
-    assert "rejected" in node.output() and "STRANGER" in node.output()
+    # The node logs the rejection after it has sent the A-ASSOCIATE-RJ that ended storescu.
+    node.wait_for_line("rejected", "STRANGER")
     accepted = storescu(node.port, files, calling="MODALITY")
     assert accepted.returncode == 0, accepted.stderr
     assert len(list((node.data_dir / "spool").rglob("*.dcm"))) == 3
@@ -149,7 +151,7 @@ def test_series_list_shows_rejection_reason(start_node, tmp_path: Path) -> None:
     files = abdomen_files()
     sent = storescu(node.port, files[:50] + files[51:])
     assert sent.returncode == 0, sent.stderr
-    from conftest import wait_for
+    from support.processes import wait_for
 
     def listing() -> str:
         out = subprocess.run([sys.executable, "-m", "node", "series", "list", "--data-dir", str(node.data_dir)],

@@ -16,9 +16,11 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from conftest import PEER_ENV, abdomen_files, dcmtk, storescu, wait_for
+from support.data import abdomen_files
+from support.dcmtk import PEER_ENV, dcmtk, storescu
+from support.processes import wait_for
 from pipelines.volume.ct import load_series
-from validators import dciodvfy, dcmqi_seg_masks, tid1500_json
+from support.validators import dciodvfy, dcmqi_seg_masks, tid1500_json
 
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"

@@ -19,9 +19,11 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from conftest import PEER_ENV, abdomen_files, dcmtk, free_port, running_orthanc, wait_for
-from test_routing import NODE_ALIAS, RoutingOrthanc
-from test_tls import make_pki
+from support.data import abdomen_files
+from support.dcmtk import PEER_ENV, dcmtk
+from support.orthanc import NODE_ALIAS, RoutingOrthanc, running_orthanc
+from support.pki import make_pki
+from support.processes import free_port, wait_for
 
 PASSWORD_VARIABLE = "PACS_AI_TEST_ORTHANC_PASSWORD"
 

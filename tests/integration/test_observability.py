@@ -15,6 +15,7 @@ import os
 import socket
 import stat
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -31,9 +32,11 @@ from node.observe.audit import (
     read_events,
     transfer_outcome,
 )
-from node.receive.intake import InstanceHeader
+from node.store.header import InstanceHeader
 from node.observe.logs import NOISY_LOGGERS, configure_logging, patient_text
-from node.observe.metrics import NodeMetrics, metrics_route, rejection_rules, split_timing_key, store_counts
+from node.http.server import metrics_route
+from node.observe.metrics import NodeMetrics, store_counts
+from pipelines.timing import StageTiming
 from node.store.state import StateStore
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -77,13 +80,13 @@ def test_exposition_parses_and_hooks_change_values(tmp_path: Path) -> None:
     metrics.association("accepted")
     metrics.association("rejected")
     metrics.series_finished("done")
-    metrics.series_finished("rejected", "no_contrast_agent: contrast agent present (Omnipaque); "
-                                        "slice_thickness: slice thickness over 5 mm (7.0)")
+    metrics.series_finished("rejected", rules=("no_contrast_agent", "slice_thickness", "no_contrast_agent"))
     metrics.series_finished("rejected", rules=["geometry"])
-    metrics.series_finished("failed", "internal error: boom")
-    metrics.stage_timings({"eligibility": 0.004, "model reference-cascade/organs": 0.42,
-                           "postprocess reference-cascade": 0.07, "encode reference-cascade": 0.76,
-                           "total": 1.54, "bogus": float("nan"), "negative": -1.0})
+    metrics.series_finished("failed")
+    metrics.stage_timings([StageTiming("eligibility", 0.004), StageTiming("organs", 0.42, "reference-cascade", model=True),
+                           StageTiming("postprocess", 0.07, "reference-cascade"),
+                           StageTiming("encode", 0.76, "reference-cascade"), StageTiming("total", 1.54),
+                           StageTiming("bogus", float("inf"))])
     metrics.send_attempt("ORTHANC@127.0.0.1:4343", "ok")
     metrics.send_attempt("ORTHANC@127.0.0.1:4343", "warning")
     metrics.send_attempt("ORTHANC@127.0.0.1:4343", "failed", count=3)
@@ -205,22 +208,13 @@ def test_store_counts_reads_a_state_store(tmp_path: Path) -> None:
     store.close()
 
 
-def test_rejection_reason_to_rule_names() -> None:
-    assert rejection_rules("no_contrast_agent: contrast agent present (Omnipaque); "
-                           "slice_thickness: slice thickness 7.0 mm; min_slices: only 20 slices") == [
-        "no_contrast_agent", "slice_thickness", "min_slices"]
-    assert rejection_rules("missing slices: gap of 6.00 mm between slices 50 and 51") == ["other"]
-    assert rejection_rules("localizer (scout) series") == ["other"]
-    assert rejection_rules("axial: oblique; axial: again; not a CT series") == ["axial", "other"]
-    assert rejection_rules("") == ["other"]
-    assert rejection_rules(None) == ["other"]
-
-
-def test_timing_keys() -> None:
-    assert split_timing_key("model reference-cascade/organs") == ("organs", "reference-cascade", True)
-    assert split_timing_key("encode body-lungs") == ("encode", "body-lungs", False)
-    assert split_timing_key("eligibility") == ("eligibility", "", False)
-    assert split_timing_key("model body-lungs") == ("model", "body-lungs", True)
+def test_timing_labels() -> None:
+    assert StageTiming("organs", 0.4, "reference-cascade", model=True).label == "model reference-cascade/organs"
+    assert StageTiming("encode", 0.1, "body-lungs").label == "encode body-lungs"
+    assert StageTiming("eligibility", 0.0).label == "eligibility"
+    for seconds in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="seconds"):
+            StageTiming("total", seconds)
 
 
 def test_metrics_route_serves_the_exposition(tmp_path: Path) -> None:
@@ -316,6 +310,82 @@ def test_configure_logging_replaces_its_own_handler_only(restore_logging: None) 
     assert "WARNING node.x: plain line" in plain.getvalue()
     with pytest.raises(ValueError, match="'verbose'"):
         configure_logging("verbose")
+
+
+def test_json_lines_of_a_processed_series_carry_its_uid(restore_logging: None, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker's lines about one series carry ``series_uid`` (and the duration once processed)."""
+    from node.config import NodeConfig
+    from node.work import worker as worker_module
+    from node.work.orchestrate import SeriesDone, SeriesRefused
+    from pipelines.analysis import SeriesResult
+
+    stream = io.StringIO()
+    configure_logging("INFO", json=True, stream=stream)
+    store = StateStore(tmp_path / "state.sqlite3")
+    config = NodeConfig(data_dir=tmp_path / "data")
+    metrics = NodeMetrics(tmp_path, version="0")
+    outcomes = {
+        "1.2.3.1": SeriesDone(SeriesResult((), (StageTiming("total", 0.25),)), (),
+                              (StageTiming("screen and load", 0.1), StageTiming("total", 0.25))),
+        "1.2.3.2": SeriesRefused("slice_thickness: slice thickness over 5 mm (7.0)", ("slice_thickness",)),
+    }
+    monkeypatch.setattr(worker_module, "process_instances", lambda paths, *args, **kwargs: outcomes[
+        Path(paths[0]).parent.name])
+    worker = worker_module.Worker(config, store, None, None, metrics=metrics)  # type: ignore[arg-type]
+    for series in outcomes:
+        header = InstanceHeader(STUDY, series, f"{series}.1", CT, 0.0, "1\\0\\0\\0\\1\\0", None, None)
+        store.record_instance(header, path=f"/spool/{series}/1.dcm", size=1, calling_ae="CT1")
+    assert store.queue_quiet_series(0.0)
+    for _ in outcomes:
+        row = store.claim_next_series()
+        assert row is not None
+        worker.process_series(row.series_uid, row.updated_at)
+    lines = json_lines(stream)
+    [processed] = [line for line in lines if "processed in" in line["message"]]
+    assert processed["series_uid"] == "1.2.3.1" and processed["duration_s"] >= 0
+    [rejected] = [line for line in lines if "rejected" in line["message"]]
+    assert rejected["series_uid"] == "1.2.3.2"
+    assert value(scrape(metrics), "pacs_ai_node_series_rejected_total", rule="slice_thickness") == 1
+    assert json.loads(store.get_series("1.2.3.1").timings) == {"screen and load": 0.1, "total": 0.25}
+    store.close()
+
+
+def test_json_lines_of_an_association_carry_its_id(restore_logging: None, tmp_path: Path) -> None:
+    """The listener's lines about one association carry its short ``association_id`` and ``calling_ae``."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    from node.config import NodeConfig
+    from node.receive.intake import Intake
+    from node.receive.listener import DicomServer
+    from node.store.spool import Spool
+    from support.processes import free_port
+
+    stream = io.StringIO()
+    configure_logging("INFO", json=True, stream=stream)
+    config = NodeConfig(data_dir=tmp_path / "data", port=free_port(), bind_address="127.0.0.1")
+    config.data_dir.mkdir(parents=True)
+    store = StateStore(config.state_path)
+    server = DicomServer(config, Intake(config, Spool(config.spool_dir), store))
+    server.start()
+    try:
+        ae = AE(ae_title="ECHOSCU")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", config.port, ae_title=config.ae_title)
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == 0
+        assoc.release()
+        deadline = time.monotonic() + 10
+        while "released" not in stream.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        server.close()
+        server.stop(5)
+        store.close()
+    [line] = [line for line in json_lines(stream) if "released" in line["message"]]
+    assert len(line["association_id"]) == 8 and line["calling_ae"] == "ECHOSCU"
+    assert line["duration_s"] >= 0
 
 
 def test_patient_text_only_when_configured() -> None:

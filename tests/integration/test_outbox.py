@@ -13,7 +13,10 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from conftest import Orthanc, abdomen_files, storescu, wait_for
+from support.data import abdomen_files
+from support.dcmtk import storescu
+from support.orthanc import Orthanc
+from support.processes import wait_for
 from node.cli.main import main
 from node.store.state import DEAD, PENDING, SENT, StateStore
 
@@ -92,7 +95,8 @@ max_attempts = 2
         assert (sr_dicom.state, sr_dicom.attempts, sr_dicom.last_status) == (DEAD, 2, "0xA700 refused: out of resources")
         assert (sr_web.state, sr_web.attempts, sr_web.last_status) == (DEAD, 2, "HTTP 200")
         assert sr_web.last_error == "not listed as stored in the STOW-RS response"
-        assert "dead after 2 attempts (0xA700 refused: out of resources" in node.output()
+        # The sender records the failure, then logs it: wait for the line itself.
+        node.wait_for_line("dead after 2 attempts (0xA700 refused: out of resources")
 
         listing = outbox_cli("list", "--data-dir", str(node.data_dir), "--state", "dead")
         assert listing.returncode == 0, listing.stderr

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pydicom
 
-from conftest import REPO, abdomen_files
-from validators import dciodvfy
+from support.data import REPO, abdomen_files
+from support.validators import dciodvfy
 
 
 def _process(input_dir: Path, output: Path, *args: str) -> subprocess.CompletedProcess:

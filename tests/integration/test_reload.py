@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO, wait_for
+from support.data import REPO
 
 
 def _echo(port: int, calling: str) -> int:
@@ -24,9 +24,11 @@ def test_sighup_applies_live_settings_and_names_those_needing_a_restart(start_no
 
     config.write_text('[node]\nallowed_calling_ae_titles = ["CT2"]\nmax_pdu_size = 65536\n'
                       '[series]\nseries_quiet_seconds = 5.0\n')
+    mark = len(node.output())
     node.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: "configuration reloaded" in node.output(), 30, what="reload log line")
-    log = node.output()
+    # The restart warning is logged after "configuration reloaded": wait for each line asserted on.
+    node.wait_for_line("configuration reloaded:", after=mark)
+    log = node.wait_for_line("max_pdu_size changed but only take effect after a restart", after=mark)
     assert "allowed_calling_ae_titles" in log and "max_pdu_size changed but only take effect after a restart" in log
     # --quiet-seconds on the command line still wins over the file.
     assert "series_quiet_seconds" not in log.split("configuration reloaded:")[1].splitlines()[0]
@@ -35,7 +37,8 @@ def test_sighup_applies_live_settings_and_names_those_needing_a_restart(start_no
 
     # A broken file changes nothing and the node keeps serving.
     config.write_text('[node]\nallowed_calling_ae_titles = "CT1"\n')
+    mark = len(node.output())
     node.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: "configuration reload refused" in node.output(), 30, what="refusal log line")
+    node.wait_for_line("configuration reload refused", after=mark)
     assert _echo(node.port, "CT2") == 0
     assert node.proc.poll() is None

@@ -23,10 +23,12 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.uid import generate_uid
 
-from conftest import (DICOMWEB_PLUGIN, REPO, Orthanc, abdomen_files, running_orthanc, storescu,
-                      wait_for)
+from support.data import REPO, abdomen_files
+from support.dcmtk import storescu
+from support.orthanc import DICOMWEB_PLUGIN, Orthanc, running_orthanc
+from support.processes import wait_for
+from support.series import copy_series
 
 DEPLOY = REPO / "deploy" / "orthanc"
 ROUTING_SCRIPT = DEPLOY / "route-ct-to-ainode.lua"
@@ -102,24 +104,6 @@ def store_jobs(orthanc: Orthanc) -> list[dict]:
     return [j for j in jobs if j.get("Type") == "DicomModalityStore" and j["Content"].get("RemoteAet") == "AINODE"]
 
 
-def series_variant(folder: Path, count: int = 10, **changes: object) -> list[Path]:
-    """The first slices as a new series (new UIDs) with header changes, e.g. a scout."""
-    folder.mkdir(parents=True)
-    series_uid = generate_uid()
-    out = []
-    for i, src in enumerate(abdomen_files()[:count]):
-        ds = pydicom.dcmread(src)
-        ds.SeriesInstanceUID = series_uid
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        for keyword, value in changes.items():
-            setattr(ds, keyword, value)
-        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        path = folder / f"{i:04d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        out.append(path)
-    return out
-
-
 def test_example_config_names_the_shipped_script_and_alias() -> None:
     """The admin's example and the script agree on the alias and the script's name."""
     config = example_config()
@@ -139,11 +123,12 @@ def test_pacs_routes_ct_to_node_and_gets_seg_and_sr_back(routing_orthanc: Routin
     # Series the rule must not forward: a scout, a CT that is not a CT Image
     # (Secondary Capture), a CT that the node itself sent.
     decoys = {
-        "scout": (series_variant(tmp_path / "scout", ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"], SeriesNumber=97),
+        "scout": (copy_series(tmp_path / "scout", 10, ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"],
+                              SeriesNumber=97).files,
                   orthanc.modality_aet, "contains LOCALIZER"),
-        "sc": (series_variant(tmp_path / "sc", SOPClassUID=SC_CLASS, SeriesNumber=98),
+        "sc": (copy_series(tmp_path / "sc", 10, SOPClassUID=SC_CLASS, SeriesNumber=98).files,
                orthanc.modality_aet, f"SOP class {SC_CLASS} is not CT Image or Enhanced CT Image"),
-        "from node": (series_variant(tmp_path / "from-node", SeriesNumber=99), "AINODE",
+        "from node": (copy_series(tmp_path / "from-node", 10, SeriesNumber=99).files, "AINODE",
                       "it came from the node itself (calling AE AINODE)"),
     }
 

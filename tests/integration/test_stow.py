@@ -20,12 +20,14 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from conftest import DATA, abdomen_files, free_port
+from support.data import DATA, abdomen_files
+from support.processes import free_port
 from node.config import NodeConfig
 from node.receive.intake import Intake
 from node.store.spool import Spool
 from node.store.state import QUEUED, StateStore
-from node.receive.stow import STUDY_MISMATCH, HttpServer, HttpServerError, create_app
+from node.http.server import HttpServer, HttpServerError, create_app
+from node.receive.stow import STUDY_MISMATCH
 
 CURL = "/usr/bin/curl"
 BOUNDARY = "stow-test-boundary-7d1c"

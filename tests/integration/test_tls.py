@@ -1,6 +1,6 @@
 """TLS on the node's own ports: DICOM TLS (PS3.15 B.12) and HTTPS with basic authentication.
 
-Certificates are made in the test with the openssl command line: a CA, the
+Certificates are made with the openssl command line (the ``pki`` fixture): a CA, the
 node's server certificate (for 127.0.0.1) and a client certificate. The
 peers are DCMTK storescu with ``+tls`` and curl.
 """
@@ -14,36 +14,9 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from conftest import PEER_ENV, abdomen_files, dcmtk, free_port, wait_for
-
-OPENSSL = "/usr/bin/openssl"
-
-
-def openssl(*args: str, cwd: Path) -> None:
-    done = subprocess.run([OPENSSL, *args], cwd=cwd, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-
-
-def make_pki(folder: Path) -> Path:
-    """CA, server, client and peer (both roles, e.g. Orthanc) certificates, RSA 2048, two days."""
-    if not Path(OPENSSL).exists():
-        pytest.fail("openssl is not installed (apt-get install openssl); run the README test command")
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
-            "-subj", "/CN=pacs-ai-node test CA", cwd=folder)
-    for name, extension in (("server", "subjectAltName=IP:127.0.0.1,DNS:localhost"),
-                            ("client", "extendedKeyUsage=clientAuth"),
-                            ("peer", "subjectAltName=IP:127.0.0.1,DNS:localhost")):
-        (folder / f"{name}.ext").write_text(extension + "\n")
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                "-subj", f"/CN=pacs-ai-node test {name}", cwd=folder)
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-                "-out", f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext", cwd=folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_pki(tmp_path_factory.mktemp("pki"))
+from support.data import abdomen_files
+from support.dcmtk import PEER_ENV, dcmtk
+from support.processes import free_port, wait_for
 
 
 @pytest.fixture

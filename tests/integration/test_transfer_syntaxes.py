@@ -48,8 +48,11 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from conftest import DATA, PEER_ENV, NodeProcess, abdomen_files, dcmtk, free_port, wait_for
-from crashkit import series_states
+from support.data import DATA, abdomen_files
+from support.dcmtk import PEER_ENV, dcmtk
+from support.crashkit import series_states
+from support.node import NodeProcess
+from support.processes import free_port, wait_for
 
 SINGLE = DATA / "single-slices"
 #: A contiguous run of slices (3 mm apart): enough for the node's eligibility

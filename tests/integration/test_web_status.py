@@ -26,12 +26,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from conftest import free_port
+from support.processes import free_port
 from node.config import Destination, NodeConfig
-from node.receive.intake import InstanceHeader
+from node.store.header import InstanceHeader
 from node.store.state import DEAD, DONE, FAILED, PENDING, REJECTED, SENT, StateStore
-from node.receive.stow import BasicAuth, HttpServer
+from node.http.server import BasicAuth, HttpServer
 from node.http.status import describe_bundle, status_routes
+from node.send.probe import PeerResult, peer_text
 
 REPO = Path(__file__).resolve().parent.parent.parent
 OUTPUT = Path(__file__).resolve().parent.parent / "output"
@@ -148,9 +149,9 @@ def make_node(tmp_path: Path) -> Iterator:
                             http_username=USER if credentials else "", http_password=PASSWORD if credentials else "")
         node = StatusNode("", store, ids, config)
 
-        def echo(destination: Destination) -> tuple:
+        def echo(destination: Destination) -> PeerResult:
             node.echoed.append(destination)
-            return 0, 0.0123, 0.0021
+            return PeerResult(destination, True, "C-ECHO 0x0000", 2.1, status=0, setup_ms=12.3)
 
         bundles = [{"id": "body-lungs", "version": "2.0.0", "name": "Body and lungs", "key": "body-lungs@2.0.0+6bf6",
                     "artifacts": [{"id": "body_lungs", "file": "body_lungs.onnx", "provider": "CPUExecutionProvider"}],
@@ -305,17 +306,43 @@ def test_peer_checks_echo_dicom_and_query_dicomweb(make_node) -> None:  # noqa: 
         echoed = node.post("/status/peers/test", {"destination": "pacs", "csrf_token": token})
         assert echoed.status_code == 303
         page = node.get(echoed.headers["location"]).text
-        assert "pacs: C-ECHO status 0x0000 (success), round trip 2.1 ms" in page
+        assert "pacs: C-ECHO 0x0000, round trip 2.1 ms" in page
         assert [str(d) for d in node.echoed] == ["pacs"]
         checked = node.post("/status/peers/test", {"destination": "web", "csrf_token": token})
         page = node.get(checked.headers["location"]).text
-        assert "web: QIDO-RS HTTP 200 OK, round trip" in page and "Doe^Jane" not in page
+        assert "web: QIDO-RS HTTP 200, round trip" in page and "Doe^Jane" not in page
         assert seen == ["/dicom-web/studies?limit=1 Basic " + base64.b64encode(b"qido:qido-secret").decode()]
         assert [d["destination"] for _, d in node.audited] == ["pacs", "web"]
         unknown = node.post("/status/peers/test", {"destination": "nowhere", "csrf_token": token})
         assert "kind=error" in unknown.headers["location"]
     finally:
         pacs.stop()
+
+
+def test_disabled_status_pages_say_why_and_how_to_turn_them_on(tmp_path: Path) -> None:
+    """A node whose status pages are off (HTTP not on loopback, status_page = "auto") answers
+    /status and / with a plain 404 naming the config keys, not a bare "Not Found"."""
+    from starlette.testclient import TestClient
+
+    from node.http.server import create_app, status_hint_routes
+    from node.receive.intake import Intake
+    from node.store.spool import Spool
+
+    config = NodeConfig(data_dir=tmp_path, http_bind_address="0.0.0.0")
+    assert not config.status_page_enabled
+    store = StateStore(config.state_path)
+    try:
+        app = create_app(Intake(config, Spool(config.spool_dir), store))
+        app.router.routes.extend(status_hint_routes())
+        with TestClient(app) as client:
+            for path in ("/status", "/", "/status/outbox"):
+                page = client.get(path)
+                assert page.status_code == 404 and page.headers["content-type"].startswith("text/plain")
+                for key in ("status_page", "http_bind_address", "http_username"):
+                    assert key in page.text
+            assert client.post("/studies", content=b"", headers={"Content-Type": "text/plain"}).status_code == 415
+    finally:
+        store.close()
 
 
 def test_describe_bundle_and_patient_names_stay_off(tmp_path: Path) -> None:
@@ -380,7 +407,7 @@ def test_browser_shows_the_series_and_retries_the_dead_item(make_node, tmp_path:
 
 def test_default_peer_check_is_the_peers_test_echo(start_node, tmp_path: Path) -> None:
     """Without an injected echo the page uses `peers test`'s C-ECHO (TLS-capable, says why it failed)."""
-    from node.http.status import StatusPages, echo_text
+    from node.http.status import StatusPages
 
     node = start_node()
     dead = free_port()
@@ -388,7 +415,7 @@ def test_default_peer_check_is_the_peers_test_echo(start_node, tmp_path: Path) -
                         destinations=(Destination.parse(f"AINODE@127.0.0.1:{node.port}"),
                                       Destination.parse(f"NOBODY@127.0.0.1:{dead}")))
     pages = StatusPages(StateStore(config.state_path), config)
-    ok, text = echo_text(pages._sender_echo(config.destinations[0]))
-    assert ok and "0x0000" in text and "round trip" in text
-    ok, text = echo_text(pages._sender_echo(config.destinations[1]))
-    assert not ok and "refused" in text.lower()
+    answered = pages._sender_echo(config.destinations[0])
+    assert answered.ok and "0x0000" in peer_text(answered) and "round trip" in peer_text(answered)
+    refused = pages._sender_echo(config.destinations[1])
+    assert not refused.ok and "refused" in peer_text(refused).lower()

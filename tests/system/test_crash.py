@@ -21,7 +21,7 @@ import random
 import time
 from pathlib import Path
 
-from crashkit import CrashRig, play, verify
+from support.crashkit import CrashRig, play, verify
 
 ROUNDS = int(os.environ.get("CRASH_ROUNDS", "20"))
 SLICES = 40

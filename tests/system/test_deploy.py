@@ -39,18 +39,10 @@ from typing import Iterator
 
 import pytest
 
-from conftest import (
-    DICOMWEB_PLUGIN,
-    REPO,
-    Orthanc,
-    abdomen_files,
-    free_port,
-    port_open,
-    running_orthanc,
-    stop_process,
-    storescu,
-    wait_for,
-)
+from support.data import REPO, abdomen_files
+from support.dcmtk import storescu
+from support.orthanc import DICOMWEB_PLUGIN, Orthanc, running_orthanc
+from support.processes import free_port, port_open, stop_process, wait_for
 
 DEPLOY = REPO / "deploy"
 UNIT = DEPLOY / "systemd" / "pacs-ai-node.service"
@@ -443,6 +435,26 @@ def test_replayed_build_installs_a_wheel_not_the_checkout(replayed: Replayed) ->
     assert sorted(p.name for p in (module.parent / "http").glob("templates/*.html")) == templates
     help_text = replayed.run("--help")
     assert help_text.returncode == 0 and "serve" in help_text.stdout, help_text.stderr
+
+
+def test_replayed_install_finds_its_bundled_models_from_anywhere(replayed: Replayed, tmp_path: Path) -> None:
+    """A plain install carries the bundles (setup.cfg data_files) and finds them without a config or a checkout."""
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    env = {**replayed.env, "PACS_AI_NODE_CONFIG": str(empty)}  # the embedded defaults, whatever /etc holds
+    env.pop("PACS_AI_NODE_MODELS", None)
+    done = subprocess.run([str(replayed.venv / "bin" / "pacs-ai-node"), "models", "list"], capture_output=True,
+                          text=True, timeout=120, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    shared = replayed.venv / "share" / "pacs-ai-node" / "onnx_models"
+    bundles = sorted(p.parent.name for p in (REPO / "onnx_models").glob("*/manifest.json"))
+    assert f"{len(bundles)} bundles in {shared}, 0 broken" in done.stdout, done.stdout
+    for name in bundles:
+        assert re.search(rf"^{re.escape(name)}\s", done.stdout, re.MULTILINE), done.stdout
+        assert not list((shared / name).glob("*.py")), "build/train scripts are not installed"
+    version = subprocess.run([str(replayed.venv / "bin" / "pacs-ai-node"), "--version"], capture_output=True,
+                             text=True, timeout=60, env=env, cwd=tmp_path)
+    assert version.stdout.strip() == "pacs-ai-node 0.1.0"
 
 
 def test_replayed_image_config_passes_config_check(replayed: Replayed) -> None:

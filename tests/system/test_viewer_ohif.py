@@ -30,8 +30,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from conftest import REPO, Orthanc, running_orthanc
-from ohif_viewer import OHIF_DIST, OhifServer, chromium_driver, copy_screenshot, have_viewer, wait_until
+from support.data import REPO
+from support.orthanc import Orthanc, running_orthanc
+from support.ohif_viewer import OHIF_DIST, OhifServer, chromium_driver, copy_screenshot, have_viewer, wait_until
 from pipelines.offline import phantom
 
 OUTPUT = Path(__file__).resolve().parent.parent / "output"

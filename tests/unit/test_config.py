@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from support.data import REPO
 from node.config import (
     DEFAULT_AE_TITLE,
     DEFAULT_MAX_AGE_S,
@@ -74,7 +74,8 @@ def config_error(tmp_path: Path, text: str) -> str:
 # --------------------------------------------------------------------------- defaults and a full file
 
 
-def test_defaults() -> None:
+def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PACS_AI_NODE_MODELS", raising=False)
     config = load_config(None)
     assert config == NodeConfig()
     assert config.ae_title == DEFAULT_AE_TITLE == "AINODE"
@@ -419,3 +420,70 @@ def test_result_types_per_destination() -> None:
     assert sr_only.wants("SR", "1.2.840.10008.5.1.4.1.1.88.34")
     assert not sr_only.wants("SEG", "1.2.840.10008.5.1.4.1.1.66.4")
     assert Destination("P", "h", 104).wants("SEG", "1.2.840.10008.5.1.4.1.1.66.4")
+
+
+# --------------------------------------------------------------------------- where the config and the models are
+
+
+def test_config_search_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--config, then $PACS_AI_NODE_CONFIG, then /etc/pacs-ai-node/node.toml when it exists, else the defaults."""
+    import node.config as config_module
+
+    system = tmp_path / "etc" / "node.toml"
+    monkeypatch.setattr(config_module, "SYSTEM_CONFIG", system)
+    monkeypatch.delenv(config_module.CONFIG_ENV, raising=False)
+    assert config_module.find_config(None) == (None, config_module.EMBEDDED_DEFAULTS)
+    assert "embedded defaults" in config_module.describe_config_source(None, config_module.EMBEDDED_DEFAULTS)
+
+    system.parent.mkdir()
+    write(system.parent, '[node]\nae_title = "SYSTEM"\n')
+    assert config_module.find_config(None) == (system, "system default")
+
+    from_env = write(tmp_path, '[node]\nae_title = "FROMENV"\n', "env.toml")
+    monkeypatch.setenv(config_module.CONFIG_ENV, str(from_env))
+    assert config_module.find_config(None) == (from_env, "$PACS_AI_NODE_CONFIG")
+    explicit = tmp_path / "explicit.toml"
+    assert config_module.find_config(explicit) == (explicit, "--config")
+    assert str(explicit) in config_module.describe_config_source(explicit, "--config")
+
+    # a file named by the environment must exist: the error names it rather than falling back
+    monkeypatch.setenv(config_module.CONFIG_ENV, str(tmp_path / "missing.toml"))
+    path, _ = config_module.find_config(None)
+    with pytest.raises(ConfigError, match="missing.toml"):
+        load_config(path)
+
+
+def test_every_command_with_config_uses_the_search(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    import node.config as config_module
+    from node.cli.main import main
+
+    models = tmp_path / "models"
+    models.mkdir()
+    monkeypatch.setenv(config_module.CONFIG_ENV, str(write(tmp_path, f'[models]\nmodels_dir = "{models}"\n')))
+    assert main(["models", "list"]) == 0
+    assert f"0 bundles in {models}" in capsys.readouterr().out
+    monkeypatch.setenv(config_module.CONFIG_ENV, str(tmp_path / "missing.toml"))
+    assert main(["outbox", "list"]) == 2
+    assert "missing.toml" in capsys.readouterr().err
+
+
+def test_models_dir_search_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """$PACS_AI_NODE_MODELS, then the checkout's onnx_models/, then <sys.prefix>/share/pacs-ai-node/onnx_models."""
+    import node.config as config_module
+
+    monkeypatch.delenv(config_module.MODELS_ENV, raising=False)
+    assert config_module.default_models_dir() == REPO / "onnx_models"
+    assert NodeConfig().models_dir == REPO / "onnx_models"
+
+    monkeypatch.setenv(config_module.MODELS_ENV, str(tmp_path / "site-models"))
+    assert NodeConfig().models_dir == tmp_path / "site-models"
+    # a config file's models_dir still wins over the environment
+    assert load_config(write(tmp_path, '[models]\nmodels_dir = "/opt/models"\n')).models_dir == Path("/opt/models")
+
+    monkeypatch.delenv(config_module.MODELS_ENV)
+    installed = tmp_path / "site-packages"  # a plain install: the packages without the checkout around them
+    installed.mkdir()
+    monkeypatch.setattr(config_module, "REPO_ROOT", installed)
+    monkeypatch.setattr(config_module.sys, "prefix", str(tmp_path / "venv"))
+    assert config_module.default_models_dir() == tmp_path / "venv" / "share" / "pacs-ai-node" / "onnx_models"

@@ -6,7 +6,7 @@ import re
 import tomllib
 from dataclasses import fields
 
-from conftest import REPO
+from support.data import REPO
 from node.config import NodeConfig, load_config
 
 EXAMPLE = REPO / "deploy" / "node.example.toml"

@@ -22,13 +22,14 @@ import highdicom as hd
 import numpy as np
 import pytest
 
-import conftest
-from pipelines.clinical.findings import AlgorithmIdentity, CodeSpec, SegmentFinding
+from pipelines.clinical.findings import CodeSpec, SegmentFinding
 from pipelines.clinical.measurements import TOTALSEGMENTATOR_TOTAL_LABELS
 from pipelines.dicom_out.segmentation import build_segmentation
 from pipelines.dicom_out.uids import derive_uid, result_uids
 from pipelines.volume.ct import CTVolume, load_series
-from validators import dcmqi_seg_masks, dciodvfy
+from support.data import abdomen_files
+from support.findings import algorithm_identity, segment_finding
+from support.validators import dcmqi_seg_masks, dciodvfy
 
 nibabel = pytest.importorskip("nibabel")
 
@@ -37,15 +38,7 @@ LABEL_OF = {name: label for label, name in TOTALSEGMENTATOR_TOTAL_LABELS.items()
 NOTICE = "For research use only. Not for use in diagnostic procedures."
 MODEL_KEY = "totalsegmentator-golden@2.0.0+golden00"
 ANATOMICAL_STRUCTURE = CodeSpec("91723000", "SCT", "Anatomical Structure")
-ALGORITHM = AlgorithmIdentity(
-    name="TotalSegmentator",
-    version="2.0.0",
-    family=CodeSpec("123110", "DCM", "Artificial Intelligence"),
-    manufacturer="PACS-AI open-source project",
-    model_name="TotalSegmentator total",
-    software_version="2.0.0+golden00",
-    device_uid=derive_uid("device", MODEL_KEY),
-)
+ALGORITHM = algorithm_identity(MODEL_KEY, name="TotalSegmentator", model_name="TotalSegmentator total")
 
 #: TotalSegmentator class -> (segment label, SNOMED CT property type).
 STRUCTURES: dict[str, tuple[str, CodeSpec]] = {
@@ -62,7 +55,7 @@ STRUCTURES: dict[str, tuple[str, CodeSpec]] = {
 
 @pytest.fixture(scope="module")
 def volume() -> CTVolume:
-    return load_series(conftest.abdomen_files())
+    return load_series(abdomen_files())
 
 
 @pytest.fixture(scope="module")
@@ -130,22 +123,11 @@ def golden_findings(volume: CTVolume, golden_masks: dict[str, np.ndarray]) -> li
     findings = []
     for number, (name, mask) in enumerate(golden_masks.items(), start=1):
         label, type_ = STRUCTURES[name]
-        count = int(mask.sum())
-        findings.append(
-            SegmentFinding(
-                number=number,
-                label=label,
-                category=ANATOMICAL_STRUCTURE,
-                type=type_,
-                finding_site=None,
-                mask=mask,
-                tracking_id=f"{label} #{number}",
-                tracking_uid=derive_uid(volume.series_instance_uid, MODEL_KEY, "tracking", str(number)),
-                volume_mm3=count * volume.voxel_volume_mm3,
-                mean_hu=float(volume.hu[mask].mean()),
-                voxel_count=count,
-            )
-        )
+        findings.append(segment_finding(
+            volume, number, label, mask, category=ANATOMICAL_STRUCTURE, type=type_, finding_site=None,
+            tracking_id=f"{label} #{number}",
+            tracking_uid=derive_uid(volume.series_instance_uid, MODEL_KEY, "tracking", str(number)),
+        ))
     return findings
 
 

@@ -1,15 +1,14 @@
-"""Secondary Capture key images of lesions on real CT, checked by dciodvfy, pydicom and Orthanc.
+"""Secondary Capture key images of lesions on real CT, checked by dciodvfy and pydicom.
 
 The abdomen test series gets two synthetic lesions painted in (a hypodense
 liver lesion and a solid nodule in the right lung base) with matching lesion
 findings. The PNGs of the key images are written to tests/output/keyimage-*.png
-for a person to look at.
+for a person to look at. That Orthanc stores them: tests/integration/test_results_in_pacs.py.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +16,9 @@ import pydicom
 import pytest
 from scipy import ndimage
 
-from conftest import abdomen_files, storescu
+from support.data import OUTPUT, abdomen_files
 from pipelines.errors import ResultEncodingError
-from pipelines.clinical.findings import AlgorithmIdentity, CodeSpec, SegmentFinding
+from pipelines.clinical.findings import CodeSpec, LesionFacts, SegmentFinding
 from pipelines.dicom_out.keyimages import (
     BAND_RGB,
     CONTOUR_GAP_PX,
@@ -36,104 +35,35 @@ from pipelines.dicom_out.keyimages import (
 )
 from pipelines.dicom_out.uids import derive_uid
 from pipelines.volume.ct import CTVolume, load_series
-from validators import dciodvfy
-
-OUTPUT = Path(__file__).parent.parent / "output"
-NOTICE = "For research use only. Not for use in diagnostic procedures."
-MODEL_KEY = "reference-cascade@1.0.0+3fa2c1d0"
-PREFIX = ("1.2.826.0.1.3680043.8.498.20618380718132701474776061857022813903", MODEL_KEY)
-WHEN = datetime(2024, 5, 6, 7, 8, 9)
-LESION_CATEGORY = CodeSpec("49755003", "SCT", "Morphologically Abnormal Structure")
-ALGORITHM = AlgorithmIdentity(
-    name="reference-cascade",
-    version="1.0.0",
-    family=CodeSpec("123110", "DCM", "Artificial Intelligence"),
-    manufacturer="PACS-AI open-source project",
-    model_name="reference-cascade",
-    software_version="1.0.0+3fa2c1d0",
-    device_uid=derive_uid("device", MODEL_KEY),
+from support.findings import (
+    KEY_IMAGE_ALGORITHM as ALGORITHM,
+    LIVER_CENTRE,
+    LUNG_CENTRE,
+    NOTICE,
+    PATIENT_STUDY,
+    PREFIX,
+    key_image_arguments,
+    key_image_findings,
+    lesion_finding,
+    paint_lesions,
+    sphere,
 )
-#: (slice, row, column) centres and radii (mm): inside the liver, and in the
-#: posterior right lung base (checked on the images).
-LIVER_CENTRE, LIVER_RADIUS_MM = (100, 46, 30), 9.5
-LUNG_CENTRE, LUNG_RADIUS_MM = (109, 76, 33), 5.0
-PATIENT_STUDY = (
-    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
-    "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName",
-)
-
-
-def _sphere(volume: CTVolume, centre: tuple[int, int, int], radius_mm: float) -> np.ndarray:
-    z, y, x = np.indices(volume.shape)
-    sz, sy, sx = volume.spacing_zyx
-    return ((z - centre[0]) * sz) ** 2 + ((y - centre[1]) * sy) ** 2 + ((x - centre[2]) * sx) ** 2 <= radius_mm**2
-
-
-def _lesion(volume: CTVolume, number: int, label: str, type_: CodeSpec, finding_site: CodeSpec, mask: np.ndarray,
-            **extra: object) -> SegmentFinding:
-    count = int(mask.sum())
-    return SegmentFinding(
-        number=number,
-        label=label,
-        category=LESION_CATEGORY,
-        type=type_,
-        finding_site=finding_site,
-        mask=mask,
-        tracking_id=f"{label} (reference-cascade)",
-        tracking_uid=derive_uid("tracking", volume.series_instance_uid, MODEL_KEY, label),
-        volume_mm3=count * volume.voxel_volume_mm3,
-        mean_hu=float(volume.hu[mask].mean()),
-        voxel_count=count,
-        extra={"role": "lesion", **extra},
-    )
-
+from support.validators import dciodvfy
 
 @pytest.fixture(scope="module")
 def volume() -> CTVolume:
     """The abdomen series with a 0 HU liver lesion and a 25 HU lung nodule painted in."""
-    vol = load_series(abdomen_files())
-    vol.hu[_sphere(vol, LIVER_CENTRE, LIVER_RADIUS_MM)] = 0.0
-    vol.hu[_sphere(vol, LUNG_CENTRE, LUNG_RADIUS_MM)] = 25.0
-    return vol
+    return paint_lesions(load_series(abdomen_files()))
 
 
 @pytest.fixture(scope="module")
 def findings(volume: CTVolume) -> list[SegmentFinding]:
-    liver_mask = _sphere(volume, LIVER_CENTRE, LIVER_RADIUS_MM)
-    lung_mask = _sphere(volume, LUNG_CENTRE, LUNG_RADIUS_MM)
-    # An organ finding: it must get no key image.
-    organ = replace(
-        _lesion(volume, 1, "Liver", CodeSpec("10200004", "SCT", "Liver"), CodeSpec("10200004", "SCT", "Liver"),
-                ndimage.binary_dilation(liver_mask, iterations=3)),
-        extra={"role": "liver", "median_hu": 45.0},
-    )
-    return [
-        organ,
-        _lesion(volume, 2, "liver lesion 1", CodeSpec("108369006", "SCT", "Neoplasm"),
-                CodeSpec("10200004", "SCT", "Liver"), liver_mask,
-                site="liver", score=0.93, long_axis_mm=18.4, short_axis_mm=17.1, type="malignant", malignancy=0.81),
-        _lesion(volume, 3, "lung lesion 1", CodeSpec("27925004", "SCT", "Nodule"),
-                CodeSpec("39607008", "SCT", "Lung"), lung_mask,
-                site="lung", score=0.71, long_axis_mm=9.2, short_axis_mm=8.8, type="nodule", lung_rads="4A"),
-    ]
-
-
-def build_arguments(**kwargs: object) -> dict[str, object]:
-    """The KeyImageSeries fields of these tests, with ``kwargs`` overriding them."""
-    args: dict[str, object] = dict(
-        series_instance_uid=derive_uid(*PREFIX, "KI", "series"),
-        series_number=903,
-        series_description="AI key images - research use only",
-        research_notice=NOTICE,
-        uid_prefix_parts=PREFIX,
-        content_datetime=WHEN,
-    )
-    args.update(kwargs)
-    return args
+    """The liver (an organ finding: it must get no key image), the liver lesion and the lung nodule."""
+    return key_image_findings(volume)
 
 
 def _build(volume: CTVolume, findings: list[SegmentFinding], **kwargs: object) -> list[pydicom.Dataset]:
-    return build_key_images(volume, findings, ALGORITHM, KeyImageSeries(**build_arguments(**kwargs)))  # type: ignore
+    return build_key_images(volume, findings, ALGORITHM, KeyImageSeries(**key_image_arguments(**kwargs)))  # type: ignore
 
 
 @pytest.fixture(scope="module")
@@ -299,10 +229,10 @@ def test_enhanced_ct_frame_is_referenced_and_full_size_images_are_not_upscaled(t
     """One Enhanced CT instance (2 frames, 512 x 512, rows running toward patient right, no Body Part)."""
     vol = load_series([Path(__file__).parent.parent / "data" / "single-slices" / "eCT_Supplemental.dcm"])
     mask = np.zeros(vol.shape, dtype=bool)
-    mask[1] = _sphere(vol, (1, 200, 300), 3.0)[1]  # a 6 mm lesion on slice 1 only
-    (ds,) = _build(vol, [_lesion(vol, 1, "brain lesion 1", CodeSpec("52988006", "SCT", "Lesion"),
-                                 CodeSpec("12738006", "SCT", "Brain"), mask, site="brain", score=0.6,
-                                 long_axis_mm=6.0, short_axis_mm=6.0)])
+    mask[1] = sphere(vol, (1, 200, 300), 3.0)[1]  # a 6 mm lesion on slice 1 only
+    (ds,) = _build(vol, [lesion_finding(vol, 1, "brain lesion 1", CodeSpec("52988006", "SCT", "Lesion"),
+                                        CodeSpec("12738006", "SCT", "Brain"), mask,
+                                        LesionFacts(site="brain", score=0.6, long_axis_mm=6.0, short_axis_mm=6.0))])
     (item,) = ds.SourceImageSequence
     assert item.ReferencedSOPInstanceUID == vol.first.SOPInstanceUID
     assert item.ReferencedFrameNumber == vol.frames[1].frame_number
@@ -325,11 +255,24 @@ def test_orientation_letters() -> None:
     assert orientation_letters([0.8, 0.0, -0.6]) == "LF"
 
 
-def test_orthanc_stores_the_key_images_in_the_source_study(written: list, orthanc, volume: CTVolume) -> None:
-    result = storescu(orthanc.dicom_port, [path for _, path in written], called=orthanc.aet)
-    assert result.returncode == 0, result.stderr
-    stored = orthanc.get("/instances?expand")
-    stored_uids = sorted(i["MainDicomTags"]["SOPInstanceUID"] for i in stored)
-    assert stored_uids == sorted(ds.SOPInstanceUID for ds, _ in written)
-    (series,) = orthanc.series_in_study(volume.study_instance_uid)
-    assert series["0020000E"]["Value"] == [written[0][0].SeriesInstanceUID]
+def test_highdicom_builds_the_image_and_the_node_keeps_its_own_values(volume: CTVolume,
+                                                                     findings: list[SegmentFinding]) -> None:
+    """SCImage assembles the object; the node's dates, Conversion Type, oblique letters and the
+    source's patient attributes, which highdicom's own checks would refuse, are kept."""
+    angle = np.deg2rad(20)
+    sources = [pydicom.Dataset(ds) for ds in volume.datasets]  # new element dicts: the fixture stays as it is
+    for ds in sources:
+        ds.PatientName, ds.PatientSex = "Anonymous", "U"  # no "^"; not M, F or O
+    tilted = replace(volume, datasets=sources,
+                     row_direction=np.array([np.cos(angle), np.sin(angle), 0.0]),
+                     column_direction=np.array([-np.sin(angle), np.cos(angle), 0.0]))
+    (ds,) = _build(tilted, findings[2:])
+    assert ds.file_meta.ImplementationClassUID == "1.2.826.0.1.3680043.9.7433.1.1"  # highdicom's
+    assert ds.ContributingEquipmentSequence[0].ManufacturerModelName == ALGORITHM.model_name
+    assert ds.ContributingEquipmentSequence[-1].ManufacturerModelName == "highdicom"
+    assert (ds.PatientName, ds.PatientSex) == ("Anonymous", "U")
+    assert list(ds.PatientOrientation) == ["LP", "PR"]
+    assert ds.ConversionType == "WSD" and list(ds.ImageType) == ["DERIVED", "SECONDARY"]
+    for date, time in (("ContentDate", "ContentTime"), ("InstanceCreationDate", "InstanceCreationTime"),
+                       ("DateOfSecondaryCapture", "TimeOfSecondaryCapture"), ("SeriesDate", "SeriesTime")):
+        assert (str(ds[date].value), str(ds[time].value)) == ("20240506", "070809"), date  # WHEN

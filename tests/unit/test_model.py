@@ -19,8 +19,10 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from conftest import REPO, abdomen_files
-from pipelines.analysis import MIN_SLICES, SeriesAnalyzer, check_eligibility
+from support.data import REPO, abdomen_files
+from pipelines.analysis import SeriesAnalyzer, check_eligibility
+from pipelines.model.eligibility import floor_rules
+from pipelines.rules.ruleset import RuleSet
 from pipelines.errors import ModelError, SeriesRejected
 from pipelines.model.manifest import MANIFEST_NAME, parse_manifest
 from pipelines.model.bundle import ModelBundle, discover_bundles, sha256_file
@@ -386,6 +388,15 @@ def test_real_abdomen_body_and_lung_bases() -> None:
 
 # --------------------------------------------------------------------------- eligibility
 
+#: The packaged default rules' ``min_slices`` (pipelines/rules/default_rules.toml), which the floor uses.
+MIN_SLICES = 10
+
+
+def test_floor_is_the_default_rules_own() -> None:
+    assert floor_rules().ids == ["modality_ct", "not_localizer", "axial", "min_slices"]
+    default = {r.id: r for r in RuleSet.load().rules}
+    assert all(rule == default[rule.id] for rule in floor_rules().rules)
+
 
 def _phantom(n_slices: int = 12) -> np.ndarray:
     hu = np.full((n_slices, 16, 16), -1000.0)
@@ -401,11 +412,11 @@ def test_eligible_axial_ct_passes() -> None:
     ("kwargs", "n_slices", "reason"),
     [
         ({"image_type": ("ORIGINAL", "PRIMARY", "LOCALIZER")}, 12, "localizer"),
-        ({"modality": "MR"}, 12, "modality mr is not ct"),
-        ({"modality": ""}, 12, "modality missing"),
-        ({"orientation": (1, 0, 0, 0, 0, -1)}, 12, "not an axial series"),  # coronal
-        ({"orientation": (0, 1, 0, 0, 0, -1)}, 12, "not an axial series"),  # sagittal
-        ({}, MIN_SLICES - 1, f"only {MIN_SLICES - 1} slices"),
+        ({"modality": "MR"}, 12, 'not a ct series (modality = "mr")'),
+        ({"modality": ""}, 12, "not a ct series (modality empty"),
+        ({"orientation": (1, 0, 0, 0, 0, -1)}, 12, 'not an axial series (orientation = "coronal")'),
+        ({"orientation": (0, 1, 0, 0, 0, -1)}, 12, 'not an axial series (orientation = "sagittal")'),
+        ({}, MIN_SLICES - 1, f"too few slices (slice_count = {MIN_SLICES - 1})"),
     ],
     ids=["localizer", "mr", "no-modality", "coronal", "sagittal", "too-short"],
 )

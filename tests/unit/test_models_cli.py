@@ -13,7 +13,7 @@ import pytest
 from node.cli.main import main
 from pipelines.model.manifest import MANIFEST_NAME
 from pipelines.offline.validation import auc, dice, format_report, wilson_interval
-from test_inference import (
+from support.models import (
     LESION_SPACING,
     lesion_manifest,
     lesion_models,

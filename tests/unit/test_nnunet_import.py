@@ -1,4 +1,4 @@
-"""nnU-Net v2 trained model folder -> ONNX bundle (pipelines.nnunet_import).
+"""nnU-Net v2 trained model folder -> ONNX bundle (pipelines.offline.nnunet_import).
 
 Each test builds a real, small nnU-Net v2 results folder: plans.json and
 dataset.json as nnU-Net writes them, and a checkpoint in nnU-Net's format
@@ -28,11 +28,12 @@ jsonschema = pytest.importorskip("jsonschema")
 
 from dynamic_network_architectures.architectures.unet import PlainConvUNet  # noqa: E402
 
-from pipelines.offline import nnunet_import  # noqa: E402
 from pipelines.errors import ModelError  # noqa: E402
-from pipelines.offline.nnunet_import import import_nnunet  # noqa: E402
+from pipelines.model.manifest import SCHEMA_PATH  # noqa: E402
+from pipelines.offline import nnunet_import  # noqa: E402
+from pipelines.offline.nnunet_import import import_nnunet, importer  # noqa: E402
 
-SCHEMA = json.loads((Path(nnunet_import.__file__).parent.parent / "model" / "manifest.schema.json").read_text())
+SCHEMA = json.loads(SCHEMA_PATH.read_text())
 DATASET = "Dataset123_AbdomenTest"
 MODEL_DIR = "nnUNetTrainer__nnUNetPlans__3d_fullres"
 SPACING = [2.5, 0.78125, 0.78125]
@@ -307,7 +308,7 @@ def test_existing_bundle_needs_overwrite(model: tuple[Path, Any], tmp_path: Path
 
 def test_check_catches_a_wrong_export(model: tuple[Path, Any], tmp_path: Path,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    real_export = nnunet_import._export_onnx
+    real_export = importer._export_onnx
 
     def perturbed_export(module: Any, example: Any, opset: int) -> bytes:
         other = copy.deepcopy(module)
@@ -315,7 +316,7 @@ def test_check_catches_a_wrong_export(model: tuple[Path, Any], tmp_path: Path,
             next(other.parameters()).add_(0.05)
         return real_export(other, example, opset)
 
-    monkeypatch.setattr(nnunet_import, "_export_onnx", perturbed_export)
+    monkeypatch.setattr(importer, "_export_onnx", perturbed_export)
     with pytest.raises(ModelError, match="does not reproduce PyTorch.*max abs diff"):
         import_nnunet(model[0], tmp_path / "models")
     assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
@@ -491,7 +492,7 @@ def test_missing_training_extra_says_how_to_install(model: tuple[Path, Any], tmp
 def test_cli_import_then_verify_and_run_in_the_node(model: tuple[Path, Any], tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     """`pacs-ai-node models import-nnunet` writes a bundle the node verifies and runs on a real CT series."""
-    from conftest import abdomen_files
+    from support.data import abdomen_files
     from node.cli.main import main
     from pipelines.analysis import SeriesAnalyzer
     from pipelines.model.bundle import ModelBundle

@@ -21,7 +21,7 @@ import pydicom
 import pytest
 from scipy import ndimage
 
-from conftest import REPO
+from support.data import REPO
 from pipelines.offline.phantom import (
     BONE_DENSITY_CLASSES,
     HU_RANGES,
@@ -46,7 +46,7 @@ from pipelines.offline.phantom import (
 from pipelines.rules.ruleset import RuleSet, screen_series
 from pipelines.dicom_out.uids import derive_uid
 from pipelines.volume.ct import load_series
-from validators import dciodvfy
+from support.validators import dciodvfy
 
 QUIET = {"lesion_probability": 0.0, "lung_nodules": 0}
 

@@ -1,19 +1,16 @@
-"""GSPS key images ([results] key_image_type = "GSPS") on real CT, checked by dciodvfy, highdicom and Orthanc.
+"""GSPS key images ([results] key_image_type = "GSPS") on real CT, checked by dciodvfy and highdicom.
 
 The abdomen series gets the key-image tests' two lesions painted in, into its
 stored pixels as well, since a presentation state shows the original slices.
 A small renderer here draws each referenced slice from the GSPS content alone
 (modality and VOI LUT applied by highdicom, outline and text from the graphic
-annotations) to tests/output/gsps-*.png, for a person to look at.
+annotations) to tests/output/gsps-*.png, for a person to look at. Orthanc, ``pacs-ai-node process``
+and the node delivering a GSPS: tests/integration/test_results_in_pacs.py.
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import signal
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,11 +22,11 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom.multival import MultiValue
 from scipy import ndimage
 
-from conftest import REPO, abdomen_files, storescu, wait_for
+from support.data import OUTPUT, REPO, abdomen_files
 from node.config import RESULT_TYPES, ConfigError, Destination, NodeConfig, load_config, result_type
 from pipelines.analysis import ResultLabelling, SeriesAnalyzer
 from pipelines.errors import ResultEncodingError
-from pipelines.clinical.findings import CodeSpec, SegmentFinding
+from pipelines.clinical.findings import CodeSpec, LesionFacts, SegmentFinding
 from pipelines.dicom_out.keyimages import KeyImageSeries, apply_window, key_slice, label_lines
 from pipelines.model.bundle import ModelBundle
 from pipelines.dicom_out.presentation import (
@@ -42,22 +39,20 @@ from pipelines.dicom_out.presentation import (
 )
 from pipelines.dicom_out.uids import derive_uid
 from pipelines.volume.ct import CTVolume, load_series
-from test_keyimages import (  # noqa: F401  (findings: the key-image tests' fixture, on this module's volume)
-    ALGORITHM,
+from support.findings import (
+    KEY_IMAGE_ALGORITHM as ALGORITHM,
     LIVER_CENTRE,
-    LIVER_RADIUS_MM,
     LUNG_CENTRE,
-    LUNG_RADIUS_MM,
     NOTICE,
-    OUTPUT,
     PATIENT_STUDY,
     PREFIX,
-    _lesion,
-    _sphere,
-    build_arguments,
-    findings,
+    key_image_arguments,
+    key_image_findings,
+    lesion_finding,
+    paint_lesions,
+    sphere,
 )
-from validators import dciodvfy
+from support.validators import dciodvfy
 
 SERIES_UID = derive_uid(*PREFIX, "PR", "series")
 #: Long side of the rendered display, in pixels: a small viewer viewport.
@@ -69,9 +64,7 @@ MIN_FONT_PX = 12
 @pytest.fixture(scope="module")
 def volume() -> CTVolume:
     """The abdomen series with a 0 HU liver lesion and a 25 HU lung nodule, in HU and in the stored pixels."""
-    vol = load_series(abdomen_files())
-    vol.hu[_sphere(vol, LIVER_CENTRE, LIVER_RADIUS_MM)] = 0.0
-    vol.hu[_sphere(vol, LUNG_CENTRE, LUNG_RADIUS_MM)] = 25.0
+    vol = paint_lesions(load_series(abdomen_files()))
     for k in (LIVER_CENTRE[0], LUNG_CENTRE[0]):
         ds = vol.datasets[vol.frames[k].dataset_index]
         slope, intercept = vol.rescale(k)
@@ -79,8 +72,14 @@ def volume() -> CTVolume:
     return vol
 
 
+@pytest.fixture(scope="module")
+def findings(volume: CTVolume) -> list[SegmentFinding]:
+    """The key-image tests' liver, liver lesion and lung nodule, on this module's volume."""
+    return key_image_findings(volume)
+
+
 def _build(volume: CTVolume, findings: list[SegmentFinding], **kwargs: object) -> list[pydicom.Dataset]:
-    args = build_arguments(**{"series_instance_uid": SERIES_UID,
+    args = key_image_arguments(**{"series_instance_uid": SERIES_UID,
                               "series_description": "AI key images GSPS - research use only", **kwargs})
     return build_presentation_states(volume, findings, ALGORITHM, KeyImageSeries(**args))  # type: ignore[arg-type]
 
@@ -435,8 +434,9 @@ def test_two_lesions_on_one_slice_share_the_reference_and_the_window(volume: CTV
     k, row, col = LIVER_CENTRE
     near = np.zeros(volume.shape, dtype=bool)
     near[k, row - 2:row + 3, col + 30:col + 35] = True
-    second = _lesion(volume, 3, "lung lesion 1", CodeSpec("27925004", "SCT", "Nodule"),
-                     CodeSpec("39607008", "SCT", "Lung"), near, site="lung", score=0.5, long_axis_mm=15.0)
+    second = lesion_finding(volume, 3, "lung lesion 1", CodeSpec("27925004", "SCT", "Nodule"),
+                            CodeSpec("39607008", "SCT", "Lung"), near,
+                            LesionFacts(site="lung", score=0.5, long_axis_mm=15.0))
     (gsps,) = _build(volume, [findings[1], second])
     (series,) = gsps.ReferencedSeriesSequence
     assert len(series.ReferencedImageSequence) == 1
@@ -475,10 +475,10 @@ def test_enhanced_ct_frame_is_referenced(tmp_path: Path) -> None:
     """One Enhanced CT instance (2 frames, rescale in the shared functional groups, no Body Part)."""
     vol = load_series([Path(__file__).parent.parent / "data" / "single-slices" / "eCT_Supplemental.dcm"])
     mask = np.zeros(vol.shape, dtype=bool)
-    mask[1] = _sphere(vol, (1, 200, 300), 6.0)[1]
-    finding = _lesion(vol, 1, "brain lesion 1", CodeSpec("52988006", "SCT", "Lesion"),
-                      CodeSpec("12738006", "SCT", "Brain"), mask, site="brain", score=0.6,
-                      long_axis_mm=12.0, short_axis_mm=12.0)
+    mask[1] = sphere(vol, (1, 200, 300), 6.0)[1]
+    finding = lesion_finding(vol, 1, "brain lesion 1", CodeSpec("52988006", "SCT", "Lesion"),
+                             CodeSpec("12738006", "SCT", "Brain"), mask,
+                             LesionFacts(site="brain", score=0.6, long_axis_mm=12.0, short_axis_mm=12.0))
     (gsps,) = _build(vol, [finding])
     frame = vol.frames[1].frame_number
     (ref,) = _annotation(gsps, "LESION_1").ReferencedImageSequence
@@ -545,63 +545,3 @@ def test_analyzer_makes_the_configured_key_images(volume: CTVolume, findings: li
     parts = (volume.series_instance_uid, bundle.key, "v2")
     assert gsps.SeriesInstanceUID == derive_uid(*parts, "PR", "series")
     assert made["SC"][0].SeriesInstanceUID == derive_uid(*parts, "KI", "series")
-
-
-def test_orthanc_accepts_the_gsps_by_c_store(written: tuple, orthanc, volume: CTVolume) -> None:
-    gsps, path = written
-    result = storescu(orthanc.dicom_port, [path], called=orthanc.aet, extra=["-R"])
-    assert result.returncode == 0, result.stderr
-    (series,) = orthanc.series_in_study(volume.study_instance_uid)
-    assert series["00080060"]["Value"] == ["PR"] and series["0020000E"]["Value"] == [gsps.SeriesInstanceUID]
-
-
-def _process(input_dir: Path, output: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "node", "process", str(input_dir), "--output", str(output), *args],
-                          capture_output=True, text=True, timeout=300, cwd=REPO)
-
-
-def test_process_command_honours_key_image_type(tmp_path: Path) -> None:
-    config = tmp_path / "node.toml"
-    config.write_text('[results]\nkey_image_type = "GSPS"\n')
-    result = _process(abdomen_files()[0].parent, tmp_path / "out", "--config", str(config),
-                      "--models", "reference-cascade")
-    assert result.returncode == 0, result.stderr
-    assert "lesion present" in result.stdout, "the test series is expected to give the cascade a lesion"
-    kinds = sorted(p.name.split("_")[0] for p in (tmp_path / "out").glob("*.dcm"))
-    assert kinds == ["PR", "SEG", "SR"]
-    (path,) = (tmp_path / "out").glob("PR_*.dcm")
-    errors, _ = dciodvfy(path)
-    assert errors == [], errors
-
-
-def test_node_delivers_the_gsps_to_the_pacs(orthanc, start_node, tmp_path: Path) -> None:
-    """key_image_type switched to "GSPS" by SIGHUP: CT in, SEG + SR + PR (no SC) out in Orthanc, the PR
-    over the CT's own slices."""
-    config = tmp_path / "node.toml"
-    config.write_text('[results]\nkey_image_type = "SC"\n')
-    node = start_node("--config", str(config), "--send-to", f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}",
-                      "--quiet-seconds", "1", "--models", "reference-cascade", port=orthanc.node_port)
-    config.write_text('[results]\nkey_image_type = "gsps"\n')
-    node.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: "configuration reloaded: key_image_type" in node.output(), 30, what="reload log line")
-    files = abdomen_files()
-    ct_uids = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
-    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
-    sent = storescu(node.port, files)
-    assert sent.returncode == 0, sent.stderr
-
-    def modalities() -> set[str] | None:
-        found = {s.get("00080060", {}).get("Value", [""])[0] for s in orthanc.series_in_study(study_uid)}
-        return found if {"SEG", "SR", "PR"} <= found else None
-
-    assert wait_for(modalities, 90, interval=0.5, what="SEG, SR and PR in Orthanc") == {"SEG", "SR", "PR"}
-    (pr_id,) = json.loads(orthanc.request("POST", "/tools/find", json.dumps(
-        {"Level": "Instance", "Query": {"StudyInstanceUID": study_uid, "Modality": "PR"}}).encode()))
-    path = tmp_path / "pr.dcm"
-    path.write_bytes(orthanc.request("GET", f"/instances/{pr_id}/file"))
-    gsps = pydicom.dcmread(path)
-    assert gsps.SOPClassUID == GRAYSCALE_SOFTCOPY_PRESENTATION_STATE_STORAGE
-    referenced = {i.ReferencedSOPInstanceUID for s in gsps.ReferencedSeriesSequence for i in s.ReferencedImageSequence}
-    assert referenced and referenced <= ct_uids
-    errors, _ = dciodvfy(path)
-    assert errors == [], errors

@@ -19,10 +19,17 @@ import pydicom
 import pytest
 from pydicom.sr.codedict import codes
 
-from conftest import REPO, abdomen_files
-from pipelines.analysis import SeriesAnalyzer, SiteResult
+from support.data import REPO, abdomen_files
+from pipelines.analysis import SeriesAnalyzer
 from pipelines.errors import ResultEncodingError
-from pipelines.clinical.findings import AlgorithmIdentity, CodeSpec, SegmentFinding
+from pipelines.clinical.findings import CodeSpec, LesionFacts, SegmentFinding
+from pipelines.clinical.results import (
+    BoneDensityResult,
+    BundleMeasurements,
+    LungNodule,
+    SiteResult,
+    SteatosisResult,
+)
 from pipelines.model.bundle import ModelBundle
 from pipelines.dicom_out.report import (
     PRIVATE_SCHEME,
@@ -43,21 +50,14 @@ from pipelines.clinical.risk import (
 from pipelines.dicom_out.segmentation import build_segmentation
 from pipelines.dicom_out.uids import derive_uid, result_uids
 from pipelines.volume.ct import CTVolume, SourceFrame, load_series
-from validators import dciodvfy, tid1500_json
+from support.findings import algorithm_identity, segment_finding
+from support.validators import dciodvfy, tid1500_json
 
 OUTPUT = Path(__file__).parent.parent / "output"
 DSRDUMP = Path("/usr/bin/dsrdump")
 NOTICE = "For research use only. Not for use in diagnostic procedures."
 MODEL_KEY = "reference-cascade@1.0.0+0badc0de"
-ALGORITHM = AlgorithmIdentity(
-    name="reference-cascade",
-    version="1.0.0",
-    family=CodeSpec("123110", "DCM", "Artificial Intelligence"),
-    manufacturer="PACS-AI open-source project",
-    model_name="reference-cascade",
-    software_version="1.0.0+0badc0de",
-    device_uid=derive_uid("device", MODEL_KEY),
-)
+ALGORITHM = algorithm_identity(MODEL_KEY)
 ANATOMY = CodeSpec("91723000", "SCT", "Anatomical Structure")
 LESION = CodeSpec("49755003", "SCT", "Morphologically Abnormal Structure")
 PANCREAS = CodeSpec("15776009", "SCT", "Pancreas")
@@ -80,13 +80,11 @@ def _key(code) -> tuple[str, str]:  # noqa: ANN001
 
 
 def _segment(volume: CTVolume, number: int, label: str, category: CodeSpec, type_: CodeSpec,
-             finding_site: CodeSpec | None, mask: np.ndarray, **extra) -> SegmentFinding:  # noqa: ANN003
-    count = int(mask.sum())
-    return SegmentFinding(
-        number=number, label=label, category=category, type=type_, finding_site=finding_site, mask=mask,
+             finding_site: CodeSpec | None, mask: np.ndarray, lesion: LesionFacts | None = None) -> SegmentFinding:
+    return segment_finding(
+        volume, number, label, mask, category=category, type=type_, finding_site=finding_site,
         tracking_id=f"{label} (test)", tracking_uid=derive_uid("tracking", volume.series_instance_uid, label),
-        volume_mm3=count * volume.voxel_volume_mm3, mean_hu=float(volume.hu[mask].mean()), voxel_count=count,
-        extra=dict(extra),
+        role="lesion" if lesion is not None else "organ", lesion=lesion,
     )
 
 
@@ -115,44 +113,43 @@ def segments(volume: CTVolume) -> list[SegmentFinding]:
     lung_lesion = _crescent(volume.shape, (70, 45, 40))
     assert pancreas_lesion.sum() > 50 and lung_lesion.sum() > 50
     return [
-        _segment(volume, 1, "Body", ANATOMY, CodeSpec("38266002", "SCT", "Entire body"), None, body, role="organ"),
+        _segment(volume, 1, "Body", ANATOMY, CodeSpec("38266002", "SCT", "Entire body"), None, body),
         _segment(volume, 2, "pancreas lesion 1", LESION, CodeSpec("108369006", "SCT", "Neoplasm"), PANCREAS,
-                 pancreas_lesion, role="lesion", site="pancreas", score=0.93, long_axis_mm=21.0,
-                 short_axis_mm=18.0, malignancy=0.88, type="malignant"),
+                 pancreas_lesion, LesionFacts(site="pancreas", score=0.93, long_axis_mm=21.0,
+                                              short_axis_mm=18.0, malignancy=0.88, type="malignant")),
         _segment(volume, 3, "lung lesion 1", LESION, CodeSpec("27925004", "SCT", "Nodule"), LUNG,
-                 lung_lesion, role="lesion", site="lung", score=0.97, long_axis_mm=8.1, short_axis_mm=6.3),
+                 lung_lesion, LesionFacts(site="lung", score=0.97, long_axis_mm=8.1, short_axis_mm=6.3)),
     ]
 
 
 SITES = [
-    SiteResult("pancreas", PANCREAS_CANCER, "present", 0.93, lesion_labels=["pancreas lesion 1 21 mm malignant"]),
+    SiteResult("pancreas", PANCREAS_CANCER, "present", 0.93, lesion_labels=("pancreas lesion 1 21 mm malignant",)),
     SiteResult("liver", LIVER_CANCER, "absent", 0.12),
     SiteResult("colon", COLON_CANCER, "not evaluable", 0.05, "colon cut by the field of view"),
-    SiteResult("lung", LUNG_NODULE, "present", 0.97, lesion_labels=["lung lesion 1 8 mm"]),
+    SiteResult("lung", LUNG_NODULE, "present", 0.97, lesion_labels=("lung lesion 1 8 mm",)),
 ]
-MEASUREMENTS = {
-    "bone_density": {
-        "category": "osteopenia", "level": "T12", "level_reason": "T12 substitutes: L1 is cut by the field of view",
-        "mean_hu": 131.4, "high_suspicion": False, "kvp": 120.0, "notes": [], "evaluable": True,
-        "roi_area_mm2": 198.0, "roi_slice": 80,
-    },
-    "steatosis": {
-        "grade": "mild", "liver_mean_hu": 44.2, "spleen_mean_hu": 56.0, "liver_minus_spleen_hu": -11.8,
-        "liver_spleen_ratio": 0.79, "supporting_criteria": ["liver - spleen -11.8 HU < -10 HU"],
-        "reason": "liver mean 44.2 HU", "evaluable": True, "kvp": 120.0,
-    },
-    "lung_nodules": [{"label": "lung lesion 1", "mean_diameter_mm": 7.2, "volume_mm3": 180.0, "lung_rads": "3"}],
-}
-NOT_EVALUABLE_MEASUREMENTS = {
-    "bone_density": {
-        "category": "not evaluable", "level": None, "mean_hu": float("nan"), "high_suspicion": False, "kvp": None,
-        "level_reason": "L1 is not in the field of view; T12 is cut by the field of view", "notes": [],
-        "evaluable": False,
-    },
-    "steatosis": {"grade": "not evaluable", "liver_mean_hu": float("nan"), "spleen_mean_hu": None,
-                  "reason": "liver cut by the field of view", "evaluable": False, "kvp": None},
-    "lung_nodules": [],
-}
+MEASUREMENTS = BundleMeasurements(
+    bone_density=BoneDensityResult(
+        category="osteopenia", level="T12", level_reason="T12 substitutes: L1 is cut by the field of view",
+        mean_hu=131.4, high_suspicion=False, roi_area_mm2=198.0, roi_slice=80, kvp=120.0, notes=(),
+    ),
+    steatosis=SteatosisResult(
+        grade="mild", liver_mean_hu=44.2, spleen_mean_hu=56.0, liver_minus_spleen_hu=-11.8,
+        liver_spleen_ratio=0.79, supporting_criteria=("liver - spleen -11.8 HU < -10 HU",),
+        reason="liver mean 44.2 HU",
+    ),
+    lung_nodules=(LungNodule(label="lung lesion 1", mean_diameter_mm=7.2, volume_mm3=180.0, lung_rads="3"),),
+)
+NOT_EVALUABLE_MEASUREMENTS = BundleMeasurements(
+    bone_density=BoneDensityResult(
+        category="not evaluable", level=None, mean_hu=float("nan"), high_suspicion=False, roi_area_mm2=0.0,
+        roi_slice=None, kvp=None, level_reason="L1 is not in the field of view; T12 is cut by the field of view",
+    ),
+    steatosis=SteatosisResult(grade="not evaluable", liver_mean_hu=float("nan"), spleen_mean_hu=None,
+                              liver_minus_spleen_hu=None, liver_spleen_ratio=None, supporting_criteria=(),
+                              reason="liver cut by the field of view"),
+    lung_nodules=(),
+)
 POLICY = RiskPolicy({"default": (0.3, 0.6, 0.9), "pancreas": (0.2, 0.5, 0.8)}, refer_tiers=("high", "very high"))
 
 
@@ -261,13 +258,13 @@ def test_tid1500reader_still_reads_the_groups(volume, segments, seg, sr_path, tm
         values = {i["quantity"]["CodeValue"]: float(i["value"]) for i in group["measurementItems"]}
         assert values["118565006"] == pytest.approx(finding.volume_mm3, rel=1e-9)
         assert values["112031"] == pytest.approx(finding.mean_hu, rel=1e-9)
-        if "malignancy" in finding.extra:
-            assert values["111047"] == pytest.approx(finding.extra["malignancy"])
-        if "long_axis_mm" in finding.extra:
-            assert values["103339001"] == pytest.approx(finding.extra["long_axis_mm"])
+        if finding.lesion is not None and finding.lesion.malignancy is not None:
+            assert values["111047"] == pytest.approx(finding.lesion.malignancy)
+        if finding.lesion is not None and finding.lesion.long_axis_mm is not None:
+            assert values["103339001"] == pytest.approx(finding.lesion.long_axis_mm)
     # One point group per lesion, without measurements (they stay in the volumetric group).
     points = [g for g in doc["Measurements"] if "ReferencedSegment" not in g]
-    lesions = [s for s in segments if s.extra.get("role") == "lesion"]
+    lesions = [s for s in segments if s.lesion is not None]
     assert sorted(g["TrackingUniqueIdentifier"] for g in points) == sorted(s.tracking_uid for s in lesions)
     assert all(g["measurementItems"] == [] for g in points)
 
@@ -448,17 +445,21 @@ def test_segment_point_of_an_empty_mask_is_refused():
 
 
 def test_bad_site_answers_are_refused(volume, segments, seg):  # noqa: ANN001
-    bad_status = [replace(SITES[0], status="maybe")]
-    with pytest.raises(ResultEncodingError, match="maybe"):
-        _build(volume, segments, seg, sites=bad_status)
-    with pytest.raises(ResultEncodingError, match="within 0..1"):
-        _build(volume, segments, seg, sites=[replace(SITES[1], score=1.5)])
-    with pytest.raises(ResultEncodingError, match="lung_rads"):
-        _build(volume, segments, seg, measurements={"lung_nodules": [{**MEASUREMENTS["lung_nodules"][0],
-                                                                     "lung_rads": "7"}]})
-    with pytest.raises(ResultEncodingError, match="not finite"):
-        _build(volume, segments, seg, measurements={"steatosis": {**MEASUREMENTS["steatosis"],
-                                                                  "liver_mean_hu": float("nan")}})
+    # The typed results refuse bad values when they are built, naming them.
+    with pytest.raises(ValueError, match="maybe"):
+        replace(SITES[0], status="maybe")
+    with pytest.raises(ValueError, match="within 0..1"):
+        replace(SITES[1], score=1.5)
+    with pytest.raises(TypeError, match="CodeSpec"):
+        replace(SITES[1], finding="liver cancer")
+    with pytest.raises(ValueError, match="lung_rads"):
+        replace(MEASUREMENTS.lung_nodules[0], lung_rads="7")
+    with pytest.raises(ValueError, match="finite"):
+        replace(MEASUREMENTS.steatosis, liver_mean_hu=float("nan"))
+    with pytest.raises(ValueError, match="lesion"):
+        replace(segments[0], role="lesion")
+    with pytest.raises(ResultEncodingError, match="BundleMeasurements"):
+        _build(volume, segments, seg, measurements={"lung_nodules": []})
     with pytest.raises(TypeError, match="RiskPolicy"):
         _build(volume, segments, seg, risk={"default": [0.1, 0.2, 0.3]})
 
@@ -467,7 +468,7 @@ def test_real_analysis_output_encodes(volume, tmp_path):  # noqa: ANN001
     """The reference cascade's own findings, site answers and measurement dicts, as SeriesAnalyzer makes them."""
     bundle = ModelBundle(REPO / "onnx_models" / "reference-cascade", providers=["CPUExecutionProvider"])
     findings, sites, measurements = SeriesAnalyzer(bundle).findings(volume)
-    assert sites and {"bone_density", "steatosis", "lung_nodules"} <= set(measurements)
+    assert sites and None not in (measurements.bone_density, measurements.steatosis, measurements.lung_nodules)
     uids = result_uids(volume.series_instance_uid, bundle.key)
     seg = build_segmentation(
         volume, findings, ALGORITHM, series_instance_uid=uids.seg_series_instance_uid,
@@ -569,18 +570,20 @@ def test_assessments_and_summary_lines():
     assert low_present.tier == "intermediate" and not low_present.refer
     assert [t for t in RISK_TIERS] == ["low", "intermediate", "high", "very high"]
 
-    bone = {**MEASUREMENTS["bone_density"], "level": "L1", "mean_hu": 131.0}
+    assert MEASUREMENTS.bone_density is not None and NOT_EVALUABLE_MEASUREMENTS.bone_density is not None
+    bone = replace(MEASUREMENTS.bone_density, level="L1", mean_hu=131.0)
     assert bone_density_line(bone) == "bone density: osteopenia (L1 trabecular 131 HU at 120 kVp)"
-    assert bone_density_line({**bone, "kvp": None}).endswith("HU kVp not recorded)")
-    assert bone_density_line(NOT_EVALUABLE_MEASUREMENTS["bone_density"]) == (
+    assert bone_density_line(replace(bone, kvp=None)).endswith("HU kVp not recorded)")
+    assert bone_density_line(NOT_EVALUABLE_MEASUREMENTS.bone_density) == (
         "bone density: not evaluable (L1 is not in the field of view; T12 is cut by the field of view)")
-    assert steatosis_line(MEASUREMENTS["steatosis"]) == (
+    assert MEASUREMENTS.steatosis is not None and NOT_EVALUABLE_MEASUREMENTS.steatosis is not None
+    assert steatosis_line(MEASUREMENTS.steatosis) == (
         "hepatic steatosis: mild (liver mean 44 HU, liver - spleen -12 HU)")
-    assert steatosis_line(NOT_EVALUABLE_MEASUREMENTS["steatosis"]) == (
+    assert steatosis_line(NOT_EVALUABLE_MEASUREMENTS.steatosis) == (
         "hepatic steatosis: not evaluable (liver cut by the field of view)")
-    assert lung_nodule_lines(MEASUREMENTS["lung_nodules"]) == ["lung nodule: 7.2 mm, Lung-RADS 3"]
+    assert lung_nodule_lines(MEASUREMENTS.lung_nodules or ()) == ["lung nodule: 7.2 mm, Lung-RADS 3"]
     assert lung_nodule_lines([]) == ["lung nodules: none found"]
     lines = summary_lines(SITES, MEASUREMENTS, policy)
     assert lines[:4] == [a.line for a in (pancreas, liver, colon, lung)]
-    assert lines[4:] == [bone_density_line(MEASUREMENTS["bone_density"]), steatosis_line(MEASUREMENTS["steatosis"]),
+    assert lines[4:] == [bone_density_line(MEASUREMENTS.bone_density), steatosis_line(MEASUREMENTS.steatosis),
                          "lung nodule: 7.2 mm, Lung-RADS 3"]

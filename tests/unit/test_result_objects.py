@@ -18,12 +18,13 @@ from pydicom.uid import UID
 from scipy import ndimage
 
 from pipelines.errors import ResultEncodingError
-from pipelines.clinical.findings import AlgorithmIdentity, CodeSpec, SegmentFinding
+from pipelines.clinical.findings import CodeSpec, SegmentFinding
 from pipelines.dicom_out.report import build_measurement_report
 from pipelines.dicom_out.segmentation import build_segmentation, fit_long_string
 from pipelines.dicom_out.uids import derive_uid, result_uids
 from pipelines.volume.ct import CTVolume, load_series
-from validators import dcmqi_seg_masks, dciodvfy, tid1500_json
+from support.findings import algorithm_identity, segment_finding
+from support.validators import dcmqi_seg_masks, dciodvfy, tid1500_json
 
 DATA = Path(__file__).parent.parent / "data"
 NOTICE = "For research use only. Not for use in diagnostic procedures."
@@ -31,15 +32,7 @@ MODEL_KEY = "body-lungs@1.0.0+3fa2c1d0"
 ANATOMICAL_STRUCTURE = CodeSpec("91723000", "SCT", "Anatomical Structure")
 ENTIRE_BODY = CodeSpec("38266002", "SCT", "Entire body")
 LUNG = CodeSpec("39607008", "SCT", "Lung")
-ALGORITHM = AlgorithmIdentity(
-    name="body-lungs",
-    version="1.0.0",
-    family=CodeSpec("123110", "DCM", "Artificial Intelligence"),
-    manufacturer="PACS-AI open-source project",
-    model_name="body-lungs",
-    software_version="1.0.0+3fa2c1d0",
-    device_uid=derive_uid("device", MODEL_KEY),
-)
+ALGORITHM = algorithm_identity(MODEL_KEY)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -57,19 +50,10 @@ def _largest_components(mask: np.ndarray, keep: int) -> np.ndarray:
 def _finding(
     volume: CTVolume, number: int, label: str, type_: CodeSpec, site: CodeSpec | None, mask: np.ndarray
 ) -> SegmentFinding:
-    count = int(mask.sum())
-    return SegmentFinding(
-        number=number,
-        label=label,
-        category=ANATOMICAL_STRUCTURE,
-        type=type_,
-        finding_site=site,
-        mask=mask,
+    return segment_finding(
+        volume, number, label, mask, category=ANATOMICAL_STRUCTURE, type=type_, finding_site=site,
         tracking_id=f"{label} #{number}",
         tracking_uid=derive_uid(volume.series_instance_uid, MODEL_KEY, "tracking", str(number)),
-        volume_mm3=count * volume.voxel_volume_mm3,
-        mean_hu=float(volume.hu[mask].mean()),
-        voxel_count=count,
     )
 
 

@@ -24,7 +24,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import generate_uid
 
-from conftest import DATA, REPO, abdomen_files
+from support.data import DATA, REPO, abdomen_files
 from pipelines.errors import PacsAiError
 from pipelines.rules.ruleset import DEFAULT_RULES_PATH, Decision, RuleSet, RulesError, screen_series, series_values
 
@@ -71,7 +71,9 @@ def test_real_abdomen_series_is_eligible() -> None:
 
 
 def test_default_rules_are_the_packaged_file() -> None:
-    assert DEFAULT_RULES_PATH.name == "default_rules.toml" and DEFAULT_RULES_PATH.parent.name == "pipelines"
+    # Package data of pipelines.rules (setup.cfg).
+    assert DEFAULT_RULES_PATH.name == "default_rules.toml"
+    assert DEFAULT_RULES_PATH.parent.parts[-2:] == ("pipelines", "rules")
     assert default_rules().ids == [
         "modality_ct", "ct_image_storage", "not_localizer", "not_reformatted", "not_virtual_non_contrast",
         "no_contrast_agent", "no_contrast_administered", "axial", "slice_thickness", "min_slices",
@@ -569,7 +571,7 @@ def check_folder(tmp_path: Path) -> tuple[Path, str, str]:
 
 
 RUN_CLI = (
-    "import argparse, sys, node.cli_rules as m\n"
+    "import argparse, sys, node.cli.rules as m\n"
     "p = argparse.ArgumentParser(prog='pacs-ai-node')\n"
     "m.add_parser(p.add_subparsers(dest='command', required=True))\n"
     "a = p.parse_args(sys.argv[1:])\n"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from node.receive.intake import InstanceHeader
+from node.store.header import InstanceHeader
 from node.store.state import (
     DEAD,
     DONE,
@@ -23,6 +23,8 @@ from node.store.state import (
     SENT,
     StateStore,
 )
+from pipelines.errors import SeriesRejected
+from pipelines.volume.geometry import SPACING_TOLERANCE, check_slice_spacing
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -422,6 +424,24 @@ def test_gap_free_rule() -> None:
     assert gap_free([0.0, 1.0, None, 3.0], axial) is not None
     assert gap_free([0.0, 1.0, 2.0, 3.0], [AXIAL, AXIAL, "other", AXIAL]) is not None
     assert gap_free([0.0], [AXIAL]) is not None
+
+
+def test_gap_free_is_the_pipelines_spacing_rule() -> None:
+    """Completion on release and the volume loader share one tolerance (pipelines.volume.geometry).
+
+    Position jitter the pipeline accepts does not hold a series back for the quiet
+    timer; a missing slice, which the pipeline rejects, never lets it finish early.
+    """
+    axial = [AXIAL] * 6
+    jitter = 0.8 * SPACING_TOLERANCE * 2.5
+    jittered = [0.0, 2.5, 5.0 + jitter, 7.5, 10.0 - jitter, 12.5]
+    assert gap_free(jittered, axial) is None
+    check_slice_spacing(jittered)  # the pipeline accepts the same run
+    gap = [0.0, 2.5, 5.0, 10.0, 12.5, 15.0]
+    problem = gap_free(gap, axial)
+    assert problem is not None and "missing slices" in problem
+    with pytest.raises(SeriesRejected, match="missing slices"):
+        check_slice_spacing(gap)
 
 
 def test_release_completes_a_gap_free_series_carried_whole(store: StateStore) -> None:

@@ -17,14 +17,14 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from conftest import ABDOMEN, DATA, abdomen_files
+from support.data import ABDOMEN, DATA, abdomen_files
 from pipelines.errors import SeriesRejected
-from pipelines.volume.ct import (
+from pipelines.volume.ct import CTVolume, build_volume, load_series
+from pipelines.volume.geometry import (
     ENHANCED_CT_IMAGE_STORAGE,
-    CTVolume,
-    build_volume,
+    SPACING_TOLERANCE,
     check_geometry,
-    load_series,
+    check_slice_spacing,
     plane_of,
 )
 
@@ -439,6 +439,29 @@ def test_instances_without_sop_instance_uid_are_not_merged() -> None:
     for ds in headers:
         del ds.SOPInstanceUID
     assert check_geometry(headers).slice_count == 12
+
+
+def test_spacing_jitter_below_the_tolerance_is_accepted() -> None:
+    # Recorded positions carry rounding and reconstruction jitter; it is not a gap.
+    jitter = 0.8 * SPACING_TOLERANCE
+    distances = [0.0, 1.0, 2.0 + jitter, 3.0, 4.0 - jitter, 5.0]
+    order, spacing = check_slice_spacing(distances[::-1])
+    assert list(order) == [5, 4, 3, 2, 1, 0] and spacing == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    ("distances", "reason"),
+    [
+        ([0.0, 1.0, 3.0, 4.0], "missing slices: gap of 2.00 mm between slices 2 and 3"),
+        ([0.0, 2.5, 5.0, 12.5, 15.0], "about 2 missing"),
+        ([0.0, 1.0, 1.0, 2.0], "two slices share one position"),
+        ([0.0, 1.0, 2.0 + 1.5 * SPACING_TOLERANCE, 3.0, 4.0], "irregular slice spacing"),
+        ([0.0], "only 1 slice"),
+    ],
+)
+def test_spacing_rule_rejects_gaps_duplicates_and_uneven_steps(distances: list[float], reason: str) -> None:
+    with pytest.raises(SeriesRejected, match=reason):
+        check_slice_spacing(distances)
 
 
 @pytest.mark.parametrize(

@@ -25,10 +25,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable
 
-from conftest import wait_for
+from support.processes import wait_for
 
 OHIF_VERSION = "3.13.2"
-OHIF_DIST = Path(os.environ.get("OHIF_DIST", Path(__file__).resolve().parent / ".ohif" / "package" / "dist"))
+OHIF_DIST = Path(os.environ.get("OHIF_DIST", Path(__file__).resolve().parents[1] / ".ohif" / "package" / "dist"))
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 
 #: Our app-config.js: one DICOMweb data source on the same origin, no

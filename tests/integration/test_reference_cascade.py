@@ -17,13 +17,13 @@ import numpy as np
 import pydicom
 import pytest
 
-from conftest import REPO
+from support.data import REPO
 from pipelines.offline import phantom
 from pipelines.analysis import SeriesAnalyzer
 from pipelines.model.manifest import load_manifest
 from pipelines.model.bundle import ModelBundle, sha256_file
 from pipelines.volume.ct import load_series
-from validators import dciodvfy
+from support.validators import dciodvfy
 
 BUNDLE = REPO / "onnx_models" / "reference-cascade"
 CPU = ["CPUExecutionProvider"]
@@ -65,7 +65,8 @@ def test_cascade_runs_end_to_end_on_a_phantom_series(phantom_case: Path, tmp_pat
     (only,) = result.bundles
     assert [r.site for r in only.sites] == [s.site for s in bundle.manifest.lesions.sites]
     assert all(r.status in ("present", "absent", "not evaluable") for r in only.sites)
-    assert {"bone_density", "steatosis", "lung_nodules"} <= set(only.measurements)
+    measured = only.measurements
+    assert None not in (measured.bone_density, measured.steatosis, measured.lung_nodules)
     labels = {f.label for f in only.findings}
     assert {"Lung", "Liver", "Vertebra", "Aorta"} <= labels
     truth = json.loads((phantom_case / "truth.json").read_text())
@@ -74,9 +75,10 @@ def test_cascade_runs_end_to_end_on_a_phantom_series(phantom_case: Path, tmp_pat
     overlap = 2 * (lung.mask & (organs == phantom.ORGAN_IDS["lung"])).sum() / (
         lung.mask.sum() + (organs == phantom.ORGAN_IDS["lung"]).sum())
     assert overlap > 0.9
-    steatosis = only.measurements["steatosis"]
-    if steatosis["evaluable"]:
-        assert steatosis["liver_mean_hu"] == pytest.approx(truth["liver_mean_hu"], abs=15)
+    steatosis = only.measurements.steatosis
+    assert steatosis is not None
+    if steatosis.evaluable:
+        assert steatosis.liver_mean_hu == pytest.approx(truth["liver_mean_hu"], abs=15)
     # The objects are valid DICOM (dciodvfy) and carry the lesions' sizes when there are any.
     for ds in result.objects:
         path = tmp_path / f"{ds.Modality}.dcm"

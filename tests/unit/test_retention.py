@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from node.config import NodeConfig
-from node.receive.intake import InstanceHeader
-from node.service import DAY_S, apply_retention
+from node.store.header import InstanceHeader
+from node.store.retention import DAY_S, apply_retention
 from node.store.state import DONE, PENDING, SENT, StateStore
 
 CT = "1.2.840.10008.5.1.4.1.1.2"

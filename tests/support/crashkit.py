@@ -1,6 +1,6 @@
 """kill -9 the node while series stream in, and check that nothing acknowledged is lost.
 
-Shared by ``tests/test_crash.py`` (20 rounds in CI) and ``tests/soak_crash.py``
+Shared by ``tests/system/test_crash.py`` (20 rounds in CI) and ``tests/soak_crash.py``
 (as many rounds as asked). Everything is black-box: a pynetdicom SCU plays the
 modality and records exactly which SOP Instance UIDs got status 0x0000; the
 node runs as ``python -m node serve`` and is killed with SIGKILL by its PID;
@@ -39,7 +39,10 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage
 
-from conftest import NodeProcess, Orthanc, abdomen_files, wait_for
+from support.data import abdomen_files
+from support.node import NodeProcess
+from support.orthanc import Orthanc
+from support.processes import wait_for
 
 #: Series states that end the node's work on a series.
 TERMINAL = ("done", "rejected", "failed")

@@ -13,7 +13,7 @@ import sys
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     import ssl
@@ -157,7 +157,7 @@ class Destination:
             raise ConfigError("bearer_token: give username/password or a bearer token, not both")
 
     @classmethod
-    def parse(cls, text: str, key: str = "--send-to") -> "Destination":
+    def parse(cls, text: str, key: str = "--send-to") -> Destination:
         """Parse ``AET@HOST:PORT`` (IPv6 hosts in brackets: ``AET@[::1]:104``)."""
         match = re.match(r"^(?P<aet>[^@]+)@(?P<host>\[[^\]]+\]|[^:]+):(?P<port>\d+)$", text.strip())
         if not match:
@@ -187,7 +187,10 @@ class Destination:
 
         Raises ConfigError naming the key when the environment variable is not set.
         """
-        for kind, value, env_key in (("basic", self.password, "password_env"), ("bearer", self.bearer_token, "token_env")):
+        for kind, value, env_key in (
+            ("basic", self.password, "password_env"),
+            ("bearer", self.bearer_token, "token_env"),
+        ):
             variable = getattr(self, env_key)
             if variable:
                 if variable not in os.environ:
@@ -241,7 +244,7 @@ class NodeConfig:
     seg_type: str = "BINARY"
     key_image_type: str = "SC"
     #: ``[results.risk]`` table (site -> [t1, t2, t3] score cut points, ``refer`` = tiers to refer).
-    risk: "RiskPolicy" = field(default_factory=lambda: _default_risk())
+    risk: RiskPolicy = field(default_factory=lambda: _default_risk())
     log_level: str = "INFO"
     log_format: str = "text"
     log_patient_identity: bool = False
@@ -306,7 +309,7 @@ class NodeConfig:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0 (0 = keep forever), got {getattr(self, name)}")
 
-    def server_ssl_context(self, client_certificates: bool = True) -> "ssl.SSLContext":
+    def server_ssl_context(self, client_certificates: bool = True) -> ssl.SSLContext:
         """TLS for the node's own listeners (PS3.15 B.12: TLS 1.2 or newer).
 
         With ``client_certificates`` (the DICOM TLS port), client certificates
@@ -374,7 +377,7 @@ class NodeConfig:
             return found
         return [self.models_dir / name for name in self.enabled_models]
 
-    def with_overrides(self, **overrides: Any) -> "NodeConfig":
+    def with_overrides(self, **overrides: Any) -> NodeConfig:
         """A copy with the non-None overrides applied (command-line flags)."""
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -396,7 +399,8 @@ _SECTIONS = {
 }
 
 
-_DESTINATION_TYPES: dict[str, tuple[type, ...] | str] = {
+#: Type of each ``send.destinations`` key: the Python types allowed, or "path" / "list" (checked apart).
+_DESTINATION_TYPES: dict[str, tuple[type, ...] | Literal["path", "list"]] = {
     "kind": (str,), "name": (str,), "ae_title": (str,), "host": (str,), "port": (int,), "url": (str,),
     "results": "list", "transfer_syntax": (str,), "tls": (bool,), "tls_verify": (bool,),
     "tls_ca_file": "path", "tls_cert_file": "path", "tls_key_file": "path", "username": (str,),
@@ -448,7 +452,7 @@ def describe_config_source(path: Path | None, how: str) -> str:
     return f"configuration: {path} ({how})"
 
 
-def _default_risk() -> "RiskPolicy":
+def _default_risk() -> RiskPolicy:
     from pipelines.clinical.risk import RiskPolicy
 
     return RiskPolicy()
@@ -482,7 +486,9 @@ def _destination(item: Any, key: str, base: Path) -> Destination:
             words = {str: "a string", int: "an integer", bool: "true or false"}
             raise ConfigError(f"{key}.{name}: expected {words.get(expected[0], 'a number')}, got {value!r}")
         else:
-            values[name] = float(value) if name == "max_age_s" else value
+            values[name] = value
+    if "max_age_s" in values:
+        values["max_age_s"] = float(values["max_age_s"])
     if "transfer_syntax" in values:
         values["transfer_syntax"] = TRANSFER_SYNTAXES.get(values["transfer_syntax"].lower(), values["transfer_syntax"])
     kind = values.get("kind", DICOM)

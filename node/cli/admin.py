@@ -232,7 +232,7 @@ def _gpu_problems() -> list[str]:
 
 
 def _rules_report(config: NodeConfig) -> tuple[str, list[str]]:
-    from pipelines.rules.ruleset import RuleSet, RulesError
+    from pipelines.rules.ruleset import RulesError, RuleSet
 
     try:
         rules = RuleSet.load(config.rules_file)

@@ -143,8 +143,9 @@ def write_phantom_series(folder: Path) -> list[Path]:
 
 
 def send_series(files: list[Path], target: Destination, calling_ae: str, timeout: float,
-                progress: Callable[[], None]) -> None:
-    """C-STORE ``files`` (CT Image Storage, Explicit VR Little Endian) to ``target`` in one association."""
+                progress: Callable[[], object]) -> None:
+    """C-STORE ``files`` (CT Image Storage, Explicit VR Little Endian) to ``target`` in one association;
+    ``progress()`` is called after each (what it returns is ignored)."""
     from pydicom.uid import ExplicitVRLittleEndian
     from pynetdicom import AE
 

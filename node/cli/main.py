@@ -24,8 +24,9 @@ import signal
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from node import __version__
 from node.config import (

@@ -23,9 +23,10 @@ from typing import TypeVar
 import numpy as np
 
 from node.config import load_config
+from pipelines.clinical.findings import CodeSpec
 from pipelines.errors import ModelError, PacsAiError
-from pipelines.model.manifest import MANIFEST_NAME, load_manifest
 from pipelines.model.bundle import ModelBundle, discover_bundles
+from pipelines.model.manifest import MANIFEST_NAME, load_manifest
 
 
 def _bundle_dir(name: str, models_dir: Path) -> Path:
@@ -65,14 +66,15 @@ def _dry_run(bundle: ModelBundle) -> list[str]:
     lines = []
     for stage in bundle.manifest.stages:
         session = bundle.sessions[stage.artifact]
-        shape: tuple[int, ...] | None
+        shape: tuple[int, ...]
         if stage.task == "classification":
+            assert stage.patch_size is not None  # parse_manifest requires one for a classification stage
             shape = stage.patch_size
         elif stage.sliding_window is not None:
             shape = stage.sliding_window.patch_size
         else:
             shape = tuple(max(stage.size_divisor, 16) for _ in range(3))
-        x = stage.intensity.apply(np.full((1, 1, *shape), 40.0, dtype=np.float32))  # type: ignore[misc]
+        x = stage.intensity.apply(np.full((1, 1, *shape), 40.0, dtype=np.float32))
         start = time.perf_counter()
         out = session.run(x)
         ms = (time.perf_counter() - start) * 1000
@@ -104,8 +106,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _code(c: object) -> str:
-    return f"{c.meaning} ({c.scheme} {c.value})" if c is not None else "-"  # type: ignore[attr-defined]
+def _code(c: CodeSpec | None) -> str:
+    return f"{c.meaning} ({c.scheme} {c.value})" if c is not None else "-"
 
 
 def cmd_describe(args: argparse.Namespace) -> int:
@@ -243,7 +245,8 @@ def add_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     p.add_argument("--configuration", help="nnU-Net configuration (default: from the folder name)")
     p.add_argument("--id", help="bundle id (default from the dataset name)")
     p.add_argument("--version", default="1.0.0", help="bundle semantic version")
-    p.add_argument("--codes", help="JSON file: label name -> {value, scheme, meaning} for labels without a built-in code")
+    p.add_argument("--codes",
+                   help="JSON file: label name -> {value, scheme, meaning} for labels without a built-in code")
     p.add_argument("--flip-axes", type=int, nargs="*", metavar="AXIS",
                    help="axes (0=Z 1=Y 2=X) to flip inside the graph, for models trained on RAS-ordered arrays")
     p.add_argument("--no-check", action="store_true", help="skip the ONNX vs PyTorch comparison")

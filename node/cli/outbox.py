@@ -145,7 +145,8 @@ def cmd_outbox_retry(args: argparse.Namespace, out: TextIO | None = None) -> int
     retried = state.retry_outbox(ids=args.ids, destination=args.destination, all_dead=args.all_dead)
     for row in retried:
         print(f"item {row.id}: {short_class_name(row.sop_class_uid)} {row.sop_instance_uid} to {row.destination}: "
-              f"{row.state} after {row.attempts} attempts ({_outcome(row) or 'no status'}) -> pending, due now", file=out)
+              f"{row.state} after {row.attempts} attempts ({_outcome(row) or 'no status'}) -> pending, due now",
+              file=out)
     if args.ids:
         found = {row.id: row for row in state.outbox_items(args.ids)}
         for item_id in args.ids:

@@ -21,15 +21,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, TextIO, TypeVar
+from typing import TextIO, TypeVar
 
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from pipelines.rules.ruleset import RuleSet, RulesError
+from pipelines.rules.ruleset import RulesError, RuleSet
 
 EXIT_CHECKED = 0
 EXIT_NO_SERIES = 1

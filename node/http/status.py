@@ -59,6 +59,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from node.config import DICOM, DICOMWEB, Destination, NodeConfig
+from node.send.probe import PeerResult, echo_destination, peer_text, query_dicomweb
 from node.store.state import (
     DEAD,
     DONE,
@@ -75,7 +76,6 @@ from node.store.state import (
     StateStore,
     short_class_name,
 )
-from node.send.probe import PeerResult, echo_destination, peer_text, query_dicomweb
 
 if TYPE_CHECKING:
     from pipelines.model.bundle import ModelBundle
@@ -107,7 +107,7 @@ AuditFunction = Callable[[str, dict[str, Any]], None]
 ModelsFunction = Callable[[], list[dict[str, Any]]]
 
 
-def describe_bundle(bundle: "ModelBundle") -> dict[str, Any]:
+def describe_bundle(bundle: ModelBundle) -> dict[str, Any]:
     """What the models page shows of a loaded bundle (the ``models`` callable returns a list of these).
 
     Keys: ``id``, ``version``, ``name``, ``key``, ``artifacts`` (``{"id", "file", "provider"}``

@@ -48,10 +48,11 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 LOG = logging.getLogger(__name__)
 
@@ -111,11 +112,11 @@ class AuditError(ValueError):
 
 
 def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _timestamp(moment: datetime) -> str:
-    return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _access_point(peer: str | None) -> dict[str, Any]:
@@ -393,7 +394,7 @@ class AuditTrail:
             moment = self.clock()
             event["EventDateTime"] = _timestamp(moment)
             line = json.dumps(message, ensure_ascii=False, separators=(",", ":"))
-            self._append(moment.astimezone(timezone.utc).date(), (line + "\n").encode("utf-8"))
+            self._append(moment.astimezone(UTC).date(), (line + "\n").encode("utf-8"))
             self._forward(moment, line)
         return message
 
@@ -541,7 +542,7 @@ def read_events(data_dir: Path | str, since: datetime | None = None) -> Iterator
     folder = Path(data_dir) / "audit"
     if since is not None and since.tzinfo is None:
         raise ValueError(f"since: {since!r} has no time zone")
-    first_day = since.astimezone(timezone.utc).date().isoformat() if since is not None else ""
+    first_day = since.astimezone(UTC).date().isoformat() if since is not None else ""
     threshold = _timestamp(since) if since is not None else ""
     for path in sorted(folder.glob("audit-????-??-??.jsonl")):
         if path.stem[len("audit-"):] < first_day:

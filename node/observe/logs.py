@@ -19,8 +19,12 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from datetime import datetime, timezone
-from typing import Any, TextIO
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 #: Fields taken from ``extra=`` into a JSON line, in this order.
 EXTRA_FIELDS = ("study_uid", "series_uid", "sop_instance_uid", "job_id", "association_id", "calling_ae", "destination",
@@ -38,7 +42,7 @@ PLAIN_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
 def utc_timestamp(seconds: float) -> str:
     """ISO 8601 in UTC with milliseconds: ``2026-11-22T17:24:03.123Z``."""
-    moment = datetime.fromtimestamp(seconds, timezone.utc)
+    moment = datetime.fromtimestamp(seconds, UTC)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
@@ -95,7 +99,7 @@ def configure_logging(level: str, *, json: bool = False, stream: TextIO | None =
     return handler
 
 
-def patient_text(ds: Any, include: bool) -> str:
+def patient_text(ds: Dataset | Mapping[str, object] | None, include: bool) -> str:
     """``"patient NAME (ID)"`` for a log line when ``include`` (the site asked for patient
     identity in its logs), else ``""``; also ``""`` when the dataset has neither.
 

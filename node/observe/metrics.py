@@ -21,8 +21,9 @@ from __future__ import annotations
 import logging
 import math
 import shutil
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, Info, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -54,7 +55,15 @@ OTHER_RULE = "other"
 Counts = Mapping[str, Mapping[str, int]]
 
 
-def store_counts(store: Any) -> Callable[[], Counts]:
+class CountingStore(Protocol):
+    """What :func:`store_counts` reads of a :class:`node.store.state.StateStore`."""
+
+    def counts(self) -> Mapping[str, int]: ...
+
+    def outbox_counts(self) -> Mapping[tuple[str, str], int]: ...
+
+
+def store_counts(store: CountingStore) -> Callable[[], Counts]:
     """A ``counts`` callback reading a :class:`node.store.state.StateStore` (two small queries per scrape)."""
 
     def counts() -> Counts:

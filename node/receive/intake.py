@@ -14,10 +14,11 @@ import shutil
 import struct
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Callable
+from typing import TYPE_CHECKING, BinaryIO
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -125,9 +126,9 @@ class Intake:
         self.spool = spool
         self.state = state
         self.on_queued = on_queued  # wakes the worker when a series is complete early
-        self.metrics: "NodeMetrics | None" = None  # set by the service
-        self.audit: "AuditTrail | None" = None
-        self._tallies: dict[str, "TransferTally"] = {}
+        self.metrics: NodeMetrics | None = None  # set by the service
+        self.audit: AuditTrail | None = None
+        self._tallies: dict[str, TransferTally] = {}
         self._tallies_lock = threading.Lock()
 
     def begin(
@@ -138,8 +139,8 @@ class Intake:
         transfer_syntax: str,
         source: str,
         association: str | None,
-        spare: "TempFile | None" = None,
-    ) -> "IncomingInstance":
+        spare: TempFile | None = None,
+    ) -> IncomingInstance:
         """Start receiving one DIMSE dataset; its fragments go straight to the spool.
 
         ``spare`` is a temporary file made beforehand (:meth:`new_temp`), so that
@@ -147,7 +148,7 @@ class Intake:
         """
         return IncomingInstance(self, sop_class_uid, sop_instance_uid, transfer_syntax, source, association, spare)
 
-    def new_temp(self) -> "TempFile":
+    def new_temp(self) -> TempFile:
         """An empty temporary file in the spool's incoming folder, open for writing and reading."""
         path = self.spool.incoming_dir / f".{uuid.uuid4().hex}.part"
         return TempFile(path, open(path, "w+b", buffering=1 << 20))  # few large writes, not one per PDU

@@ -46,8 +46,8 @@ from node.receive.intake import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
     SUCCESS,
-    Intake,
     IncomingInstance,
+    Intake,
     TempFile,
 )
 
@@ -187,7 +187,7 @@ def response_command(
 class Association(threading.Thread):
     """One accepted connection: negotiation, then C-STOREs and C-ECHOs until release or abort."""
 
-    def __init__(self, server: "DicomServer", sock: socket.socket, address: tuple[str, int]) -> None:
+    def __init__(self, server: DicomServer, sock: socket.socket, address: tuple[str, int]) -> None:
         super().__init__(name=f"assoc-{address[0]}:{address[1]}", daemon=True)
         self.server = server
         self.config = server.config
@@ -198,6 +198,8 @@ class Association(threading.Thread):
         self.log_id = self.id[:8]
         self.calling_ae = "?"
         self.established = False
+        #: Counted against ``max_associations`` (set by :meth:`DicomServer.admit`).
+        self.admitted = False
         self.peer_max_pdu = 0
         self.contexts: dict[int, tuple[str, str]] = {}  # context id -> (abstract syntax, transfer syntax)
         self.stored = self.refused = 0
@@ -561,13 +563,13 @@ class DicomServer:
             if self._admitted >= self.config.max_associations:
                 return False
             self._admitted += 1
-            assoc._admitted = True  # type: ignore[attr-defined]
+            assoc.admitted = True
             return True
 
     def forget(self, assoc: Association) -> None:
         with self._lock:
             self._associations.discard(assoc)
-            if getattr(assoc, "_admitted", False):
+            if assoc.admitted:
                 self._admitted -= 1
 
     def established(self) -> list[Association]:

@@ -349,9 +349,9 @@ class Sender:
             self._log_failure(name, item, failure, None, moment)
         waiting = [u[3] for u in updates if u[3] is not None]
         if waiting:
+            reason = f"{failure.status}: {failure.error}" if failure.status else failure.error
             LOG.warning("send of %d items to %s failed (next attempt in %.1f s or later): %s", len(waiting), name,
-                        min(waiting) - moment, f"{failure.status}: {failure.error}" if failure.status else failure.error,
-                        extra={"destination": name})
+                        min(waiting) - moment, reason, extra={"destination": name})
 
     @staticmethod
     def _log_failure(name: str, item: OutboxRow, failure: Failure, retry_at: float | None, now: float) -> None:
@@ -441,9 +441,9 @@ class Sender:
                     delivered += 1
                 else:
                     comment = str(response.get("ErrorComment", "") or "").strip()
-                    self._failed(destination, item, Failure(
-                        describe_status(code), f"refused by {destination.ae_title}" + (f": {comment}" if comment else ""),
-                        permanent=is_permanent(code)))
+                    refusal = f"refused by {destination.ae_title}" + (f": {comment}" if comment else "")
+                    self._failed(destination, item, Failure(describe_status(code), refusal,
+                                                            permanent=is_permanent(code)))
         finally:
             if assoc.is_established:
                 assoc.release()

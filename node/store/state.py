@@ -229,7 +229,7 @@ class StateStore:
             finally:
                 self.lock.release()
 
-    def _tx(self) -> "StateStore._Tx":
+    def _tx(self) -> StateStore._Tx:
         return StateStore._Tx(self._connection(), self._write_lock)
 
     # -- instances and series -------------------------------------------------

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import multiprocessing as mp
 import os
 import shutil
@@ -122,7 +121,8 @@ def render_many(seeds: list[int], purpose: str, spacing: float, workers: int) ->
         return pool.map(_render, jobs, chunksize=1)
 
 
-def _crop(arrays: list[np.ndarray], centre: np.ndarray, patch: tuple[int, ...], pad_values: list[float]) -> list[np.ndarray]:
+def _crop(arrays: list[np.ndarray], centre: np.ndarray, patch: tuple[int, ...],
+          pad_values: list[float]) -> list[np.ndarray]:
     """Crops of ``patch`` centred on ``centre``; outside the volume: ``pad_values``."""
     shape = arrays[0].shape
     start = [int(c) - p // 2 for c, p in zip(centre, patch)]
@@ -168,7 +168,7 @@ def build_networks(n_organs: int, n_types: int):  # noqa: ANN201
             self.dec = nn.ModuleList(Block(2 * features[i], features[i]) for i in range(len(features) - 1))
             self.head = nn.Conv3d(features[0], cout, 1)
 
-        def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
             skips = []
             for i, block in enumerate(self.enc):
                 x = block(x if i == 0 else self.pool(x))
@@ -183,13 +183,13 @@ def build_networks(n_organs: int, n_types: int):  # noqa: ANN201
             self.features = nn.Sequential(Block(1, 16), nn.MaxPool3d(2), Block(16, 32), nn.MaxPool3d(2), Block(32, 64))
             self.head = nn.Linear(64, cout)
 
-        def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.head(self.features(x).mean(dim=(2, 3, 4)))
 
     return UNet(1, n_organs, (8, 16, 32, 64)), UNet(1, 2, (8, 16, 32, 64)), TypeNet(n_types)
 
 
-def _soft_dice(logits: "Any", target: "Any", channels: int) -> "Any":
+def _soft_dice(logits: Any, target: Any, channels: int) -> Any:
     import torch
 
     probs = torch.softmax(logits, dim=1)
@@ -236,7 +236,8 @@ def train_segmenter(net: Any, cases: list[dict[str, Any]], *, target: str, patch
                     for t in case["truth"]["lesions"] if (case["lesions"] == t["number"]).any()
                 ]
             if lesion_voxels and rng.random() < lesion_focus:
-                centre = lesion_voxels[int(rng.integers(len(lesion_voxels)))] + rng.integers(-patch[0] // 4, patch[0] // 4 + 1, 3)
+                picked = lesion_voxels[int(rng.integers(len(lesion_voxels)))]     # drawn before the jitter
+                centre = picked + rng.integers(-patch[0] // 4, patch[0] // 4 + 1, 3)
             else:
                 body = case.get("_body_box")
                 if body is None:
@@ -417,7 +418,8 @@ def _write_case(args: tuple[int, str, str]) -> str:
 
 def write_cases(root: Path, seeds: list[int], workers: int, grid: str) -> None:
     root.mkdir(parents=True, exist_ok=True)
-    jobs = [(s, str(root / f"case_{s:06d}"), grid) for s in seeds if not (root / f"case_{s:06d}" / "truth.json").exists()]
+    jobs = [(s, str(root / f"case_{s:06d}"), grid) for s in seeds
+            if not (root / f"case_{s:06d}" / "truth.json").exists()]
     if workers <= 1:
         for j in jobs:
             _write_case(j)
@@ -559,6 +561,7 @@ def write_model_card(out: Path, manifest: dict[str, Any], report: dict[str, Any]
         goal.append(f"| {site} | {sens['value']:.3f} ({sens['successes']}/{sens['total']}) | "
                     f"{spec['value']:.3f} ({spec['successes']}/{spec['total']}) | {s['auc']:.3f} | "
                     f"{'met' if met else 'MISSED'} |")
+    type_channels = ", ".join(manifest["stages"][2]["output"]["channels"])
     text = f"""# Model card: {manifest['name']}
 
 **Not a clinical model.** Trained and evaluated on synthetic CT phantoms only
@@ -569,7 +572,7 @@ runtime honestly. Its figures describe phantoms, not patients.
 - regenerate: `python onnx_models/reference-cascade/train.py` (one command; PyTorch from the
   `train` extra). Trained on: {manifest['provenance']['device']}, torch {manifest['provenance']['torch']}.
 - Stages: organs (3-D U-Net, 3 mm, 11 labels) -> lesions (3-D U-Net, 2 mm, inside the bounding box of
-  the screened organs + 15 mm) -> typing (3-D CNN on a 48 mm patch per lesion: {', '.join(manifest['stages'][2]['output']['channels'])}).
+  the screened organs + 15 mm) -> typing (3-D CNN on a 48 mm patch per lesion: {type_channels}).
 
 ## Training data
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Sequence
 
 from pipelines.clinical.findings import SegmentFinding
 from pipelines.clinical.measurements import (

@@ -25,8 +25,8 @@ Nothing here reads files or logs; the same inputs give the same outputs.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from decimal import ROUND_HALF_UP, Decimal
-from typing import Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -171,7 +171,7 @@ def _check_spacing(spacing_zyx: Sequence[float]) -> tuple[float, float, float]:
         raise TypeError(f"spacing_zyx must be three numbers in mm, got {spacing_zyx!r}") from None
     if len(values) != 3 or not all(math.isfinite(s) and s > 0 for s in values):
         raise ValueError(f"spacing_zyx must be three positive finite mm values, got {spacing_zyx!r}")
-    return values  # type: ignore[return-value]
+    return values
 
 
 def _check_hu(hu: np.ndarray) -> np.ndarray:
@@ -435,8 +435,8 @@ def bone_density_assessment(
     spacing = _check_spacing(spacing_zyx)
     if not isinstance(levels, Mapping):
         raise TypeError(f"levels must map level names to masks, got {type(levels).__name__}")
-    for name, mask in levels.items():
-        _check_mask(mask, f"levels[{name!r}]", hu.shape)
+    for name, given in levels.items():
+        _check_mask(given, f"levels[{name!r}]", hu.shape)
     if kvp is not None:
         kvp = _check_positive(kvp, "kvp")
 
@@ -641,8 +641,8 @@ def nodule_measurements(
                 short_axis_mm=short_axis,
                 mean_diameter_mm=mean_diameter,
                 axial_slice=box[0].start - slice_key,
-                centroid_zyx=centroid,  # type: ignore[arg-type]
-                centroid_offset_mm_zyx=tuple(c * s for c, s in zip(centroid, spacing)),  # type: ignore[arg-type]
+                centroid_zyx=centroid,
+                centroid_offset_mm_zyx=tuple(c * s for c, s in zip(centroid, spacing)),
                 mean_hu=float(hu[box][component].astype(np.float64).mean()),
                 lung_rads=lung_rads_category(mean_diameter),
                 lung_rads_by_volume=lung_rads_category_from_volume(volume),

@@ -9,8 +9,8 @@ dataclass that checks its values when built and names the bad one.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import numpy as np
 

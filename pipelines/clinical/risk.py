@@ -27,8 +27,9 @@ reason (:mod:`pipelines.dicom_out.report`).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from pipelines.clinical.results import (
     NOT_EVALUABLE,
@@ -88,12 +89,12 @@ def _cut_points(site: str, value: Any) -> tuple[float, float, float]:
     where = f"risk thresholds for {site!r}"
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 3:
         raise RiskPolicyError(f"{where}: expected three cut points [t1, t2, t3], got {value!r}")
-    points = tuple(_number(v, where) for v in value)
-    if any(not 0.0 <= p <= 1.0 for p in points):
+    t1, t2, t3 = (_number(v, where) for v in value)
+    if any(not 0.0 <= p <= 1.0 for p in (t1, t2, t3)):
         raise RiskPolicyError(f"{where}: every cut point must lie within 0..1, got {list(value)!r}")
-    if not points[0] < points[1] < points[2]:
+    if not t1 < t2 < t3:
         raise RiskPolicyError(f"{where}: cut points must be strictly ascending, got {list(value)!r}")
-    return points  # type: ignore[return-value]
+    return t1, t2, t3
 
 
 def _refer_tiers(value: Any) -> tuple[str, ...]:
@@ -207,7 +208,7 @@ class RiskPolicy:
         return self._thresholds == other._thresholds and self.refer_tiers == other.refer_tiers
 
     # Mutable-looking (a dict inside) and compared by value: not hashable, as before.
-    __hash__ = None  # type: ignore[assignment]
+    __hash__ = None  # type: ignore[assignment]  # Python's way to say unhashable; typeshed types it a method
 
 
 # --------------------------------------------------------------------------- summary lines

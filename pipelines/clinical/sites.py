@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from pipelines.clinical.findings import SegmentFinding
 from pipelines.clinical.measurements import field_of_view_cut

@@ -8,8 +8,8 @@ kind, risk policy) come in one :class:`ResultLabelling`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from pydicom.dataset import Dataset
 

@@ -38,21 +38,21 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import highdicom as hd
 import numpy as np
 import pydicom
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, UID
+from pydicom.uid import UID, ExplicitVRLittleEndian
 from pydicom.valuerep import DA, TM
 from scipy import ndimage
 
-from pipelines.errors import ResultEncodingError
 from pipelines.clinical.findings import AlgorithmIdentity, SegmentFinding
 from pipelines.dicom_out.segmentation import (
     algorithm_equipment,
@@ -63,6 +63,7 @@ from pipelines.dicom_out.segmentation import (
     source_character_set,
 )
 from pipelines.dicom_out.uids import derive_uid
+from pipelines.errors import ResultEncodingError
 from pipelines.volume.ct import CTVolume
 
 LOG = logging.getLogger(__name__)
@@ -427,9 +428,10 @@ def _draw_scale_bar(draw: ImageDraw.ImageDraw, font: _Font, box: tuple[int, int,
 # --------------------------------------------------------------------------- labels
 
 
-def _number(value: object, name: str, finding: SegmentFinding) -> float:
+def _number(value: float, name: str, finding: SegmentFinding) -> float:
+    """``value`` as a finite float; a value that is not one names the lesion and the field."""
     try:
-        number = float(value)  # type: ignore[arg-type]
+        number = float(value)
     except (TypeError, ValueError) as exc:
         raise ResultEncodingError(
             f"lesion {finding.number} ({finding.label!r}): {name} is not a number: {value!r}"

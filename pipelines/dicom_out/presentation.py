@@ -41,16 +41,16 @@ import logging
 import math
 import textwrap
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Sequence
 
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
+from pydicom.valuerep import DA, TM
 
-from pipelines.errors import ResultEncodingError
 from pipelines.clinical.findings import AlgorithmIdentity, SegmentFinding
 from pipelines.dicom_out.keyimages import (
     CONTOUR_RGB,
@@ -75,6 +75,7 @@ from pipelines.dicom_out.segmentation import (
     source_character_set,
 )
 from pipelines.dicom_out.uids import derive_uid
+from pipelines.errors import ResultEncodingError
 from pipelines.volume.ct import CTVolume
 
 LOG = logging.getLogger(__name__)
@@ -284,14 +285,14 @@ def _image_references(keys: Sequence[_KeySlice]) -> list[hd.ReferencedImageSeque
     """Referenced Image Sequences covering ``keys``: one for the single-frame instances, one per
     multi-frame instance with its frame numbers (highdicom takes frames of one image at a time)."""
     single = [k.source for k in keys if k.frame_number is None]
-    frames: dict[str, list[_KeySlice]] = defaultdict(list)
+    frames: dict[str, list[tuple[Dataset, int]]] = defaultdict(list)  # instance UID -> (instance, frame)
     for k in keys:
         if k.frame_number is not None:
-            frames[k.source.SOPInstanceUID].append(k)
+            frames[k.source.SOPInstanceUID].append((k.source, k.frame_number))
     sequences = [hd.ReferencedImageSequence(referenced_images=single)] if single else []
     for group in frames.values():
         sequences.append(hd.ReferencedImageSequence(
-            referenced_images=[group[0].source], referenced_frame_number=[k.frame_number for k in group]))
+            referenced_images=[group[0][0]], referenced_frame_number=[number for _, number in group]))
     return sequences
 
 
@@ -424,7 +425,7 @@ def _presentation_state(
         raise ResultEncodingError(
             f"highdicom refused the presentation state of series {volume.series_instance_uid}: {exc}"
         ) from exc
-    date, time = when.strftime("%Y%m%d"), when.strftime("%H%M%S")
+    date, time = DA(when.strftime("%Y%m%d")), TM(when.strftime("%H%M%S"))
     gsps.InstanceCreationDate, gsps.InstanceCreationTime = date, time
     gsps.PresentationCreationDate, gsps.PresentationCreationTime = date, time
     # Same patient and study attributes, by the same rules, as the Secondary Capture key images.

@@ -32,7 +32,8 @@ The document is UNVERIFIED and PRELIMINARY: no person has checked it.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import TypedDict
 
 import highdicom as hd
 import numpy as np
@@ -250,7 +251,17 @@ def _measurement_group(
         referenced_segment=referenced_segment, measurements=measurements, **_finding_identity(seg, algorithm_id))
 
 
-def _finding_identity(seg: SegmentFinding, algorithm_id: hd.sr.AlgorithmIdentification) -> dict[str, Any]:
+class _FindingIdentity(TypedDict):
+    """Keyword arguments of a TID 1410 / 1411 measurement group that identify its finding."""
+
+    tracking_identifier: hd.sr.TrackingIdentifier
+    finding_type: hd.sr.CodedConcept
+    finding_category: hd.sr.CodedConcept
+    finding_sites: list[hd.sr.FindingSite] | None
+    algorithm_id: hd.sr.AlgorithmIdentification
+
+
+def _finding_identity(seg: SegmentFinding, algorithm_id: hd.sr.AlgorithmIdentification) -> _FindingIdentity:
     """What every measurement group of one segment says alike: tracking identifier and UID, finding,
     category, site and algorithm. Viewers (OHIF) merge a finding's groups by its tracking UID."""
     finding_sites = [hd.sr.FindingSite(anatomic_location=coded(seg.finding_site))] if seg.finding_site else None
@@ -364,7 +375,7 @@ def _text(name: hd.sr.CodedConcept, value: str, relationship: Relationship) -> h
 
 def _num(
     name: hd.sr.CodedConcept | Code,
-    value: Any,
+    value: float,
     unit: hd.sr.CodedConcept | Code,
     what: str,
     *,
@@ -402,7 +413,8 @@ def _site_evaluation(
     else:
         children.append(_num(LESION_DETECTION_SCORE, assessment.score, codes.UCUM.NoUnits,
                              f"site {site.site!r} score"))
-        tier = RISK_TIER_CODES[assessment.tier]  # type: ignore[index]  # evaluable: a tier
+        assert assessment.tier is not None  # RiskPolicy gives every evaluable site a tier
+        tier = RISK_TIER_CODES[assessment.tier]
         children.append(_code(RISK_TIER, tier, Relationship.HAS_PROPERTIES))
         children.append(_code(REFER, codes.SCT.Yes if assessment.refer else codes.SCT.No, Relationship.HAS_PROPERTIES))
         # The lesions behind a "present" answer, by the Tracking UID of their measurement groups.
@@ -514,7 +526,9 @@ def qualitative_evaluation_items(
     return items
 
 
-def _qualitative_evaluations(research_notice: str, items: Sequence[hd.sr.ContentItem]) -> hd.sr.ContainerContentItem | None:
+def _qualitative_evaluations(
+    research_notice: str, items: Sequence[hd.sr.ContentItem]
+) -> hd.sr.ContainerContentItem | None:
     """TID 1500 row 12 container: the research Comment (DCM 121106, row 14) first, then ``items``."""
     content: list[hd.sr.ContentItem] = []
     if research_notice.strip():  # an empty notice (labelling turned off) writes no Comment

@@ -10,15 +10,15 @@ more viewers and PACS read it, and because organ masks may overlap.
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from pipelines.errors import ResultEncodingError
 from pipelines.clinical.findings import AlgorithmIdentity, CodeSpec, SegmentFinding
+from pipelines.errors import ResultEncodingError
 from pipelines.volume.ct import CTVolume
 
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"

@@ -17,7 +17,6 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-
 #: Namespace of our name-based UUIDs, so that they cannot collide with UUIDs
 #: other software derives from the same source UIDs.
 _NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:pacs-ai-screening-node:result-uid:v1")

@@ -16,16 +16,17 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Protocol
 
 import numpy as np
 
-from pipelines.errors import ModelError
 from pipelines.clinical.findings import AlgorithmIdentity, CodeSpec
-from pipelines.model.manifest import MANIFEST_NAME, ModelManifest, SegmentSpec, load_manifest  # noqa: F401 (re-export)
 from pipelines.dicom_out.uids import derive_uid
+from pipelines.errors import ModelError
+from pipelines.model.manifest import MANIFEST_NAME, ModelManifest, SegmentSpec, load_manifest  # noqa: F401 (re-export)
 
 LOG = logging.getLogger(__name__)
 
@@ -66,19 +67,56 @@ def default_providers(available: Sequence[str], *, tensorrt: bool = True) -> lis
     return [p for p in (*wanted, "CPUExecutionProvider") if p in available]
 
 
+class IOBinding(Protocol):
+    """The part of ``onnxruntime.IOBinding`` used here (onnxruntime ships no type information)."""
+
+    def bind_cpu_input(self, name: str, arr_on_cpu: np.ndarray) -> None: ...
+
+    def bind_output(self, name: str, device_type: str) -> None: ...
+
+    def copy_outputs_to_cpu(self) -> list[np.ndarray]: ...
+
+
+class NodeArg(Protocol):
+    """An input or output of an onnxruntime session: its name and shape (symbolic axes as str or None)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def shape(self) -> list[int | str | None]: ...
+
+
+class InferenceSession(Protocol):
+    """The part of ``onnxruntime.InferenceSession`` used here (onnxruntime ships no type information)."""
+
+    def get_providers(self) -> list[str]: ...
+
+    def get_inputs(self) -> list[NodeArg]: ...
+
+    def get_outputs(self) -> list[NodeArg]: ...
+
+    def io_binding(self) -> IOBinding: ...
+
+    def run_with_iobinding(self, iobinding: IOBinding) -> None: ...
+
+    def run(self, output_names: list[str] | None, input_feed: dict[str, np.ndarray]) -> list[np.ndarray]: ...
+
+
 @dataclass
 class ModelSession:
     """One artifact's onnxruntime session; runs NCZYX float32 batches."""
 
     artifact_id: str
     path: Path
-    session: object
+    session: InferenceSession
     input_name: str
     output_name: str
 
     @property
     def provider(self) -> str:
-        return self.session.get_providers()[0]  # type: ignore[attr-defined]
+        """The execution provider onnxruntime actually chose (the first of its list)."""
+        return self.session.get_providers()[0]
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Run one batch. On a GPU provider, I/O binding keeps onnxruntime from
@@ -89,12 +127,12 @@ class ModelSession:
         batch = np.ascontiguousarray(batch)
         session = self.session
         if self.provider in GPU_PROVIDERS:
-            binding = session.io_binding()  # type: ignore[attr-defined]
+            binding = session.io_binding()
             binding.bind_cpu_input(self.input_name, batch)
             binding.bind_output(self.output_name, "cuda")
-            session.run_with_iobinding(binding)  # type: ignore[attr-defined]
+            session.run_with_iobinding(binding)
             return binding.copy_outputs_to_cpu()[0]
-        (out,) = session.run([self.output_name], {self.input_name: batch})  # type: ignore[attr-defined]
+        (out,) = session.run([self.output_name], {self.input_name: batch})
         return out
 
 
@@ -176,18 +214,18 @@ class ModelBundle:
         provider_args: list[object] = []
         for name in chosen:
             if name == "TensorrtExecutionProvider":
-                options = {"trt_fp16_enable": False}
+                trt_options: dict[str, bool | str] = {"trt_fp16_enable": False}
                 if tensorrt_cache_dir is not None:
                     os.makedirs(tensorrt_cache_dir, exist_ok=True)
-                    options.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(tensorrt_cache_dir))
-                provider_args.append((name, options))
+                    trt_options.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(tensorrt_cache_dir))
+                provider_args.append((name, trt_options))
             else:
                 provider_args.append(name)
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.log_severity_level = 3
         try:
-            session = ort.InferenceSession(str(path), sess_options=options, providers=provider_args)
+            session: InferenceSession = ort.InferenceSession(str(path), sess_options=options, providers=provider_args)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelError(f"{path}: onnxruntime cannot load the model: {exc}") from exc
         inputs = {i.name: i for i in session.get_inputs()}

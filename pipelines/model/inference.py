@@ -22,19 +22,27 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TypeVar
 
 import numpy as np
+import numpy.typing as npt
 from scipy import ndimage
 
 from pipelines.errors import ModelError
-from pipelines.model.manifest import Stage
 from pipelines.model.bundle import ModelBundle
+from pipelines.model.manifest import Stage
 from pipelines.timing import StageTiming
 from pipelines.volume.ct import CTVolume
 
 LOG = logging.getLogger(__name__)
+
+#: HU samples, model inputs and probabilities: float32 throughout the stage graph.
+Float32Array = npt.NDArray[np.float32]
+#: Continuous (fractional) voxel indices into a grid.
+IndexArray = npt.NDArray[np.float64]
+_ArrayT = TypeVar("_ArrayT", bound=npt.NDArray[np.generic])
 
 #: Where an axis of the flipped volume must point (LPS): +S, +P, +L.
 _LPS_AXES = (np.array([0.0, 0.0, 1.0]), np.array([0.0, 1.0, 0.0]), np.array([1.0, 0.0, 0.0]))
@@ -54,28 +62,28 @@ def canonical_flips(volume: CTVolume) -> tuple[bool, bool, bool]:
                 "volume whose rows and columns run along the patient's axes"
             )
         flips.append(cos < 0)
-    return tuple(flips)  # type: ignore[return-value]
+    return flips[0], flips[1], flips[2]
 
 
-def flip(array: np.ndarray, flips: tuple[bool, ...]) -> np.ndarray:
+def flip(array: _ArrayT, flips: tuple[bool, ...]) -> _ArrayT:
     """Flip the last three axes where ``flips`` says; the inverse of itself."""
-    axes = [array.ndim - 3 + i for i, f in enumerate(flips) if f]
+    axes = tuple(array.ndim - 3 + i for i, f in enumerate(flips) if f)
     return np.flip(array, axis=axes) if axes else array
 
 
-def _axis_coordinates(n_out: int, start_mm: float, out_step: float, src_step: float, n_src: int) -> np.ndarray:
+def _axis_coordinates(n_out: int, start_mm: float, out_step: float, src_step: float, n_src: int) -> IndexArray:
     """Continuous source indices of the centres of ``n_out`` voxels starting at ``start_mm``."""
-    centres = start_mm + (np.arange(n_out) + 0.5) * out_step
+    centres = start_mm + (np.arange(n_out, dtype=np.float64) + 0.5) * out_step
     return np.clip(centres / src_step - 0.5, 0.0, n_src - 1.0)
 
 
-def resample_linear_axis(array: np.ndarray, coords: np.ndarray, axis: int) -> np.ndarray:
+def resample_linear_axis(array: Float32Array, coords: IndexArray, axis: int) -> Float32Array:
     """Linear interpolation of one axis at continuous indices ``coords`` (already within range)."""
     n = array.shape[axis]
     if len(coords) == n and np.allclose(coords, np.arange(n)):
         return array
     lo = np.floor(coords).astype(np.intp)
-    hi = np.minimum(lo + 1, n - 1)
+    hi: npt.NDArray[np.intp] = np.minimum(lo + 1, n - 1)
     shape = [1] * array.ndim
     shape[axis] = len(coords)
     w = (coords - lo).astype(np.float32).reshape(shape)
@@ -84,7 +92,7 @@ def resample_linear_axis(array: np.ndarray, coords: np.ndarray, axis: int) -> np
     return a * (1 - w) + b * w
 
 
-def resample_linear(array: np.ndarray, coordinates: list[np.ndarray]) -> np.ndarray:
+def resample_linear(array: Float32Array, coordinates: list[IndexArray]) -> Float32Array:
     """Separable linear interpolation of the last three axes at per-axis coordinates."""
     out = array
     offset = array.ndim - 3
@@ -104,11 +112,13 @@ class Box:
 
     @property
     def step(self) -> tuple[float, float, float]:
-        return tuple(e / n for e, n in zip(self.extent_mm, self.grid_shape))  # type: ignore[return-value]
+        (ez, ey, ex), (nz, ny, nx) = self.extent_mm, self.grid_shape
+        return ez / nz, ey / ny, ex / nx
 
     @property
     def slices(self) -> tuple[slice, slice, slice]:
-        return tuple(slice(s, s + n) for s, n in zip(self.start, self.shape))  # type: ignore[return-value]
+        (sz, sy, sx), (nz, ny, nx) = self.start, self.shape
+        return slice(sz, sz + nz), slice(sy, sy + ny), slice(sx, sx + nx)
 
     def mm_range(self) -> list[tuple[float, float]]:
         return [(s * st, (s + n) * st) for s, n, st in zip(self.start, self.shape, self.step)]
@@ -120,24 +130,27 @@ class VolumeGrids:
     def __init__(self, volume: CTVolume) -> None:
         self.volume = volume
         self.flips = canonical_flips(volume)
-        self.hu = np.ascontiguousarray(flip(volume.hu.astype(np.float32, copy=False), self.flips))
-        self.shape: tuple[int, int, int] = tuple(self.hu.shape)  # type: ignore[assignment]
-        self.spacing: tuple[float, float, float] = tuple(float(s) for s in volume.spacing_zyx)  # type: ignore[assignment]
-        self.extent_mm = tuple(n * s for n, s in zip(self.shape, self.spacing))
-        self._cache: dict[tuple[float, float, float], np.ndarray] = {}
+        self.hu: Float32Array = np.ascontiguousarray(flip(volume.hu.astype(np.float32, copy=False), self.flips))
+        nz, ny, nx = self.hu.shape
+        self.shape: tuple[int, int, int] = (nz, ny, nx)
+        sz, sy, sx = volume.spacing_zyx
+        self.spacing: tuple[float, float, float] = (float(sz), float(sy), float(sx))
+        self.extent_mm: tuple[float, float, float] = (nz * self.spacing[0], ny * self.spacing[1], nx * self.spacing[2])
+        self._cache: dict[tuple[float, float, float], Float32Array] = {}
 
     def grid_shape(self, spacing: tuple[float, float, float]) -> tuple[int, int, int]:
-        return tuple(max(1, int(round(e / t))) for e, t in zip(self.extent_mm, spacing))  # type: ignore[return-value]
+        (ez, ey, ex), (tz, ty, tx) = self.extent_mm, spacing
+        return _cells(ez, tz), _cells(ey, ty), _cells(ex, tx)
 
     def full_box(self, spacing: tuple[float, float, float]) -> Box:
         shape = self.grid_shape(spacing)
-        return Box((0, 0, 0), shape, shape, self.extent_mm)  # type: ignore[arg-type]
+        return Box((0, 0, 0), shape, shape, self.extent_mm)
 
     def _smoothing(self, step: tuple[float, ...]) -> tuple[int, ...]:
         """Moving-average width per axis that anti-aliases a resampling to ``step`` (1: none)."""
         return tuple(max(1, int(round(t / s))) if t / s > _ANTIALIAS_FACTOR else 1 for t, s in zip(step, self.spacing))
 
-    def sample_at(self, coordinates: list[np.ndarray], sizes: tuple[int, ...]) -> np.ndarray:
+    def sample_at(self, coordinates: list[IndexArray], sizes: tuple[int, ...]) -> Float32Array:
         """HU at per-axis continuous source indices, each axis first averaged over ``sizes``.
 
         Separable and cropped: each axis is smoothed and interpolated in turn,
@@ -158,7 +171,7 @@ class VolumeGrids:
             block = resample_linear_axis(block, local, axis)
         return block.astype(np.float32, copy=False)
 
-    def sample(self, box: Box) -> np.ndarray:
+    def sample(self, box: Box) -> Float32Array:
         """HU on ``box`` (linear interpolation, averaged first when downsampling)."""
         coords = [
             _axis_coordinates(n, s * st, st, src, nsrc)
@@ -166,14 +179,14 @@ class VolumeGrids:
         ]
         return self.sample_at(coords, self._smoothing(box.step))
 
-    def at(self, spacing: tuple[float, float, float]) -> np.ndarray:
+    def at(self, spacing: tuple[float, float, float]) -> Float32Array:
         """The whole volume at ``spacing`` (cached: shared by every stage that asks for it)."""
-        key = tuple(float(s) for s in spacing)
+        key = (float(spacing[0]), float(spacing[1]), float(spacing[2]))
         if key not in self._cache:
-            self._cache[key] = self.sample(self.full_box(key))  # type: ignore[arg-type]
+            self._cache[key] = self.sample(self.full_box(key))
         return self._cache[key]
 
-    def to_source(self, block: np.ndarray, box: Box) -> tuple[np.ndarray, tuple[slice, slice, slice]]:
+    def to_source(self, block: np.ndarray, box: Box) -> tuple[Float32Array, tuple[slice, slice, slice]]:
         """Resample a block of a model grid onto the source grid (linear).
 
         ``block`` has ``box.shape`` in its last three axes. Returns the values
@@ -191,24 +204,30 @@ class VolumeGrids:
             centres = (np.arange(first, last) + 0.5) * src
             local.append(np.clip(centres / step - 0.5 - start, 0.0, n - 1.0))
         values = resample_linear(block.astype(np.float32, copy=False), local)
-        return values, tuple(src_slices)  # type: ignore[return-value]
+        return values, (src_slices[0], src_slices[1], src_slices[2])
 
 
-def _box_kernel(size: int) -> np.ndarray:
+def _cells(extent_mm: float, step_mm: float) -> int:
+    """How many voxels of ``step_mm`` cover ``extent_mm`` (at least one)."""
+    return max(1, int(round(extent_mm / step_mm)))
+
+
+def _box_kernel(size: int) -> Float32Array:
     """A centred moving average over ``size`` voxels: odd sizes plain, even sizes with half-weight ends
     (a plain even-width filter would shift the image by half a voxel)."""
     if size % 2:
         return np.full(size, 1.0 / size, dtype=np.float32)
     kernel = np.ones(size + 1, dtype=np.float32)
     kernel[0] = kernel[-1] = 0.5
-    return kernel / size
+    kernel /= size
+    return kernel
 
 
-def gaussian_importance(patch: tuple[int, int, int], sigma_scale: float = 0.125) -> np.ndarray:
+def gaussian_importance(patch: tuple[int, int, int], sigma_scale: float = 0.125) -> Float32Array:
     """nnU-Net-style weights: a Gaussian centred on the patch, sigma = patch * sigma_scale, max 1."""
     impulse = np.zeros(patch, dtype=np.float32)
     impulse[tuple(p // 2 for p in patch)] = 1.0
-    weights = ndimage.gaussian_filter(impulse, [p * sigma_scale for p in patch], mode="constant", cval=0)
+    weights: Float32Array = ndimage.gaussian_filter(impulse, [p * sigma_scale for p in patch], mode="constant", cval=0)
     weights /= weights.max()
     weights[weights == 0] = weights[weights > 0].min()
     return weights.astype(np.float32)
@@ -223,15 +242,17 @@ def _starts(size: int, patch: int, overlap: float) -> list[int]:
 
 
 def _activate(logits: np.ndarray, activation: str) -> np.ndarray:
+    """The manifest's output activation over the channel axis (1) of a model's raw output."""
     if activation == "softmax":
-        shifted = logits - logits.max(axis=1, keepdims=True)
+        shifted: np.ndarray = logits - logits.max(axis=1, keepdims=True)
         np.exp(shifted, out=shifted)
         shifted /= shifted.sum(axis=1, keepdims=True)
         return shifted
     if activation == "sigmoid":
         from scipy.special import expit
 
-        return expit(logits)
+        probabilities: np.ndarray = expit(logits)
+        return probabilities
     return logits
 
 
@@ -248,12 +269,15 @@ class StageOutput:
     patches: int = 0
 
     def channel(self, name: str) -> np.ndarray:
+        """The probability map of channel ``name`` on the stage box."""
         assert self.probabilities is not None
-        return self.probabilities[self.stage.channels.index(name)]
+        probabilities: np.ndarray = self.probabilities[self.stage.channels.index(name)]
+        return probabilities
 
-    def decision(self, names: tuple[str, ...], voxel_mm3: float) -> np.ndarray:
+    def decision(self, names: tuple[str, ...], voxel_mm3: float) -> npt.NDArray[np.bool_]:
         """Boolean map on the stage box: each label's probability >= its threshold, small components dropped."""
-        out = np.zeros(self.probabilities.shape[1:], dtype=bool)  # type: ignore[union-attr]
+        assert self.probabilities is not None
+        out = np.zeros(self.probabilities.shape[1:], dtype=bool)
         for name in names:
             rule = self.stage.rule(name)
             mask = self.channel(name) >= rule.threshold
@@ -274,24 +298,26 @@ class CascadeRunner:
         self.bundle = bundle
 
     def run_segmentation(self, stage: Stage, grids: VolumeGrids, box: Box) -> tuple[np.ndarray, int]:
+        """The stage's probabilities (C, z, y, x) on ``box``, and how many patches the model ran on."""
         session = self.bundle.sessions[stage.artifact]
         hu = grids.at(stage.target_spacing_mm)[box.slices]
         image = stage.intensity.apply(hu)[np.newaxis]  # (1, z, y, x)
         pad_value = float(stage.intensity.apply(np.array([-1024.0]))[0])
         sw = stage.sliding_window
         channels = len(stage.channels)
+        inside = tuple(slice(0, n) for n in image.shape[1:])  # the image within the padded grid
         if sw is None:
             divisor = stage.size_divisor
             padded_shape = [int(np.ceil(n / divisor) * divisor) for n in image.shape[1:]]
             padded = np.full((1, 1, *padded_shape), pad_value, dtype=np.float32)
-            padded[(0, 0, *[slice(0, n) for n in image.shape[1:]])] = image[0]
+            padded[0, 0][inside] = image[0]  # through a view of the first batch item and channel
             out = _activate(session.run(padded), stage.activation)[0]
             _check_channels(stage, out)
-            return out[(slice(None), *[slice(0, n) for n in image.shape[1:]])], 1
+            return out[(slice(None), *inside)], 1
         patch = sw.patch_size
         shape = [max(n, p) for n, p in zip(image.shape[1:], patch)]
         padded = np.full((1, *shape), pad_value, dtype=np.float32)
-        padded[(0, *[slice(0, n) for n in image.shape[1:]])] = image[0]
+        padded[0][inside] = image[0]
         weights = gaussian_importance(patch) if sw.gaussian else np.ones(patch, dtype=np.float32)
         total = np.zeros((channels, *shape), dtype=np.float32)
         norm = np.zeros(shape, dtype=np.float32)
@@ -301,14 +327,15 @@ class CascadeRunner:
             chunk = corners[i:i + sw.batch_size]
             batch = np.stack([padded[(slice(None), *[slice(c, c + p) for c, p in zip(corner, patch)])]
                               for corner in chunk])
-            summed = None
+            summed: np.ndarray | None = None
             for axes in flips:
-                spatial = [2 + a for a in axes]
+                spatial = tuple(2 + a for a in axes)
                 inp = np.flip(batch, axis=spatial) if axes else batch
                 out = _activate(session.run(np.ascontiguousarray(inp)), stage.activation)
                 if axes:
                     out = np.flip(out, axis=spatial)
                 summed = out if summed is None else summed + out
+            assert summed is not None  # flips always holds () (no mirroring)
             probs = summed / len(flips)
             _check_channels(stage, probs)
             for corner, p in zip(chunk, probs):
@@ -316,7 +343,7 @@ class CascadeRunner:
                 total[(slice(None), *where)] += p * weights
                 norm[where] += weights
         total /= norm
-        return total[(slice(None), *[slice(0, n) for n in image.shape[1:]])], len(corners) * len(flips)
+        return total[(slice(None), *inside)], len(corners) * len(flips)
 
     def region_box(self, stage: Stage, grids: VolumeGrids, outputs: dict[str, StageOutput]) -> Box | None:
         """The stage's box on its grid: the whole volume, or the bounding box of an earlier stage's labels."""
@@ -326,14 +353,15 @@ class CascadeRunner:
         earlier = outputs[stage.region.stage]
         if earlier.probabilities is None:
             return None
-        voxel_mm3 = float(np.prod(earlier.box.step))  # type: ignore[union-attr]
+        box = earlier.box
+        assert box is not None  # a stage with probabilities has their box
+        voxel_mm3 = float(np.prod(box.step))
         mask = earlier.decision(stage.region.labels, voxel_mm3)
         if not mask.any():
             return None
         where = np.nonzero(mask)
-        box = earlier.box
-        assert box is not None
-        start, stop = [], []
+        start: list[int] = []
+        stop: list[int] = []
         for axis, idx in enumerate(where):
             lo_mm = (box.start[axis] + idx.min()) * box.step[axis] - stage.region.margin_mm
             hi_mm = (box.start[axis] + idx.max() + 1) * box.step[axis] + stage.region.margin_mm
@@ -342,7 +370,8 @@ class CascadeRunner:
             b = min(full.grid_shape[axis], int(np.ceil(hi_mm / step)))
             start.append(a)
             stop.append(max(b, a + 1))
-        return Box(tuple(start), tuple(b - a for a, b in zip(start, stop)), full.grid_shape, full.extent_mm)  # type: ignore[arg-type]
+        shape = (stop[0] - start[0], stop[1] - start[1], stop[2] - start[2])
+        return Box((start[0], start[1], start[2]), shape, full.grid_shape, full.extent_mm)
 
     def run(
         self,
@@ -358,16 +387,19 @@ class CascadeRunner:
             start = time.perf_counter()
             if stage.gate is not None and stage.task == "segmentation":
                 gate = outputs[stage.gate.stage]
-                found = gate.probabilities is not None and gate.decision(
-                    stage.gate.labels, float(np.prod(gate.box.step))).any()  # type: ignore[union-attr]
+                found = gate.probabilities is not None and gate.box is not None and gate.decision(
+                    stage.gate.labels, float(np.prod(gate.box.step))).any()
                 if not found:
-                    outputs[stage.id] = StageOutput(stage, skipped=f"gate: no {list(stage.gate.labels)} in {gate.stage.id}")
+                    outputs[stage.id] = StageOutput(
+                        stage, skipped=f"gate: no {list(stage.gate.labels)} in {gate.stage.id}")
                     continue
             if stage.task == "segmentation":
                 box = self.region_box(stage, grids, outputs)
                 if box is None:
+                    region = stage.region
+                    assert region is not None  # only a region leaves a segmentation stage without a box
                     outputs[stage.id] = StageOutput(
-                        stage, skipped=f"region: no {list(stage.region.labels)} found by {stage.region.stage}")  # type: ignore[union-attr]
+                        stage, skipped=f"region: no {list(region.labels)} found by {region.stage}")
                     continue
                 probs, patches = self.run_segmentation(stage, grids, box)
                 outputs[stage.id] = StageOutput(stage, box, probs, patches=patches)
@@ -408,7 +440,7 @@ class CascadeRunner:
                     hu[tuple(index)] = -1024.0
             patches.append(stage.intensity.apply(hu))
         session = self.bundle.sessions[stage.artifact]
-        vectors = []
+        vectors: list[np.ndarray] = []
         batch_size = 16
         for i in range(0, len(patches), batch_size):
             batch = np.stack(patches[i:i + batch_size])[:, np.newaxis]

@@ -15,12 +15,16 @@ import json
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 
-from pipelines.errors import ModelError
 from pipelines.clinical.findings import CodeSpec
+from pipelines.errors import ModelError
+
+if TYPE_CHECKING:
+    from jsonschema.exceptions import ValidationError
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
@@ -29,7 +33,9 @@ SCHEMA_VERSION = 2
 
 @lru_cache(maxsize=1)
 def manifest_schema() -> dict[str, Any]:
-    return json.loads(SCHEMA_PATH.read_text())
+    """The manifest JSON Schema (``manifest.schema.json``), read once."""
+    schema: dict[str, Any] = json.loads(SCHEMA_PATH.read_text())
+    return schema
 
 
 def schema_errors(data: Any) -> list[str]:
@@ -44,11 +50,11 @@ def schema_errors(data: Any) -> list[str]:
     return sorted(errors)
 
 
-def _short(error: Any) -> str:
+def _short(error: ValidationError) -> str:
     if error.validator == "oneOf" and error.context:
         # Report the alternative the value meant (the one whose "method" constant matched), with the
         # sub-key of its own error, rather than "is not valid under any of the given schemas".
-        by_branch: dict[Any, list[Any]] = {}
+        by_branch: dict[str | int, list[ValidationError]] = {}
         for sub in error.context:
             by_branch.setdefault(sub.relative_schema_path[0], []).append(sub)
         chosen = None
@@ -71,9 +77,11 @@ class Intensity:
     offset_hu: float
     scale: float
 
-    def apply(self, hu: np.ndarray) -> np.ndarray:
+    def apply(self, hu: npt.ArrayLike) -> npt.NDArray[np.float32]:
+        """The model input for HU values ``hu`` (float32, a new array)."""
+        # In place on clip's result: np.clip always returns a new array, never its input.
         out = np.clip(hu, self.clip_hu[0], self.clip_hu[1]).astype(np.float32, copy=False)
-        out = out - np.float32(self.offset_hu)
+        out -= np.float32(self.offset_hu)
         out *= np.float32(self.scale)
         return out
 
@@ -217,6 +225,18 @@ def _code(data: dict[str, Any]) -> CodeSpec:
     return CodeSpec(data["value"], data["scheme"], data["meaning"])
 
 
+def _zyx(values: list[float]) -> tuple[float, float, float]:
+    """A schema-checked ``[z, y, x]`` of numbers (the schema's ``zyx``: exactly three), as floats."""
+    z, y, x = values
+    return float(z), float(y), float(x)
+
+
+def _zyx_int(values: list[int]) -> tuple[int, int, int]:
+    """A schema-checked ``[z, y, x]`` of integers (the schema's ``zyx_int``: exactly three)."""
+    z, y, x = values
+    return z, y, x
+
+
 def load_manifest(path: Path | str) -> tuple[ModelManifest, dict[str, Any]]:
     """Read, schema-check and parse one manifest file; returns the manifest and its raw data."""
     path = Path(path)
@@ -295,17 +315,17 @@ def parse_manifest(data: Any, where: str) -> ModelManifest:
                 artifact=raw["artifact"],
                 task=task,
                 input_name=inp["name"],
-                target_spacing_mm=tuple(float(v) for v in inp["target_spacing_mm"]),  # type: ignore[arg-type]
+                target_spacing_mm=_zyx(inp["target_spacing_mm"]),
                 intensity=intensity,
                 output_name=raw["output"]["name"],
                 activation=raw["output"]["activation"],
                 channels=channels,
-                patch_size=tuple(inp["patch_size"]) if "patch_size" in inp else None,  # type: ignore[arg-type]
+                patch_size=_zyx_int(inp["patch_size"]) if "patch_size" in inp else None,
                 size_divisor=int(inp.get("size_divisor", 1)),
                 region=refs.get("region"),
                 gate=refs.get("gate"),
                 sliding_window=None if sw is None else SlidingWindow(
-                    patch_size=tuple(sw["patch_size"]),  # type: ignore[arg-type]
+                    patch_size=_zyx_int(sw["patch_size"]),
                     overlap=float(sw.get("overlap", 0.5)),
                     gaussian=bool(sw.get("gaussian", True)),
                     mirror_axes=tuple(sw.get("mirror_axes", ())),

@@ -7,7 +7,7 @@ usually a small part of it).
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from scipy import ndimage

@@ -71,7 +71,9 @@ class BundleRun:
         """Volume of one source voxel in mm^3."""
         return float(np.prod(self.grids.spacing))
 
-    def _source_block(self, out: StageOutput, prob: np.ndarray, floor: float) -> tuple[np.ndarray, tuple[slice, ...]] | None:
+    def _source_block(
+        self, out: StageOutput, prob: np.ndarray, floor: float
+    ) -> tuple[np.ndarray, tuple[slice, ...]] | None:
         """``prob`` (on ``out.box``) resampled onto the source grid where it reaches ``floor``."""
         assert out.box is not None  # a segmentation stage that ran has a box
         sub = support_box(prob, floor, out.box)

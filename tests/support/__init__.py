@@ -10,7 +10,9 @@ folder there. No test file imports another test file or ``conftest``.
 - :mod:`support.orthanc`: a private Orthanc (the PACS), also with the shipped routing rule.
 - :mod:`support.node`: ``pacs-ai-node serve`` as a subprocess; waiting for its log lines.
 - :mod:`support.pki`: a test CA and certificates made with openssl.
-- :mod:`support.findings`: SegmentFinding and AlgorithmIdentity builders.
+- :mod:`support.cli`: ``pacs-ai-node`` run in-process, config files.
+- :mod:`support.findings`: SegmentFinding and AlgorithmIdentity builders; the key-image scene.
+- :mod:`support.models`: model bundles and phantoms for the inference tests.
 - :mod:`support.series`: new series (new UIDs) written from the real slices.
 - :mod:`support.validators`: dciodvfy, dcmqi, tid1500reader wrappers.
 - :mod:`support.crashkit`, :mod:`support.outage`: the crash and PACS-outage scenarios

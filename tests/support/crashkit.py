@@ -35,9 +35,8 @@ from typing import Callable
 
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import CTImageStorage
 
 from support.data import abdomen_files
 from support.node import NodeProcess
@@ -73,7 +72,7 @@ class SeriesSource:
 
     def fresh(self) -> list[Dataset]:
         study, series = generate_uid(), generate_uid()
-        out = []
+        out: list[Dataset] = []
         for template in self.templates:
             ds = copy.deepcopy(template)
             ds.StudyInstanceUID = study
@@ -180,7 +179,7 @@ def read_state(data_dir: Path) -> StateSnapshot:
         instances = {r[0]: (r[1], r[2]) for r in db.execute("SELECT sop_instance_uid, series_uid, path FROM instances")}
         series = {r[0]: (r[1], r[2]) for r in db.execute("SELECT series_uid, state, reason FROM series")}
         outbox = [tuple(r) for r in db.execute("SELECT series_uid, sop_instance_uid, destination, state FROM outbox")]
-    return StateSnapshot(instances, series, outbox)  # type: ignore[arg-type]
+    return StateSnapshot(instances, series, outbox)
 
 
 def spooled(data_dir: Path, study_uid: str, series_uid: str, sop_uid: str) -> Path:
@@ -359,6 +358,7 @@ def verify(rig: CrashRig, orthanc: Orthanc | None, settle_timeout: float = 120.0
                 lost.append(sop)
                 problems.append(f"round {rnd.index}: acknowledged {sop} is not in the spool ({path})")
                 continue
+            back: Dataset | Exception
             try:
                 back = pydicom.dcmread(path)
                 whole = back.SOPInstanceUID == sop and back.PixelData == sent.PixelData and \

@@ -23,9 +23,12 @@ import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from support.processes import wait_for
+
+if TYPE_CHECKING:  # selenium is imported only when a viewer test runs
+    from selenium.webdriver import Chrome as WebDriver
 
 OHIF_VERSION = "3.13.2"
 OHIF_DIST = Path(os.environ.get("OHIF_DIST", Path(__file__).resolve().parents[1] / ".ohif" / "package" / "dist"))
@@ -113,7 +116,7 @@ class OhifServer:
             def log_message(self, *args: object) -> None:  # the test keeps its own request log
                 pass
 
-            def _send(self, status: int, body: bytes, content_type: str, extra: dict | None = None) -> None:
+            def _send(self, status: int, body: bytes, content_type: str, extra: dict[str, str] | None = None) -> None:
                 self.send_response(status)
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))
@@ -161,7 +164,7 @@ class OhifServer:
         return Handler
 
 
-def chromium_driver(profile_parent: Path, size: tuple[int, int] = (1600, 1000)):  # noqa: ANN201
+def chromium_driver(profile_parent: Path, size: tuple[int, int] = (1600, 1000)) -> WebDriver:
     """Headless Debian Chromium (software WebGL for the viewports) under selenium's chromedriver."""
     from selenium import webdriver
 
@@ -189,5 +192,6 @@ def have_viewer() -> str | None:
 
 
 def copy_screenshot(source: Path, target: Path) -> None:
+    """Copy a screenshot to where a person looks for it (creating the folder)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, target)

@@ -14,7 +14,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, TypeVar
+from typing import Any, Iterator, TypeVar
 
 import pytest
 
@@ -118,14 +118,14 @@ class Orthanc:
             content: bytes = response.read()
         return content
 
-    def get(self, path: str) -> object:
+    def get(self, path: str) -> Any:  # JSON of whatever shape the resource has
         """GET a REST resource as JSON."""
         return json.loads(self.request("GET", path))
 
-    def series_in_study(self, study_uid: str) -> list[dict[str, object]]:
-        """QIDO-RS: the series Orthanc lists for a study."""
+    def series_in_study(self, study_uid: str) -> list[dict[str, Any]]:
+        """QIDO-RS: the series Orthanc lists for a study (DICOM JSON, PS3.18 F.2)."""
         try:
-            found: list[dict[str, object]] = json.loads(
+            found: list[dict[str, Any]] = json.loads(
                 self.request("GET", f"/dicom-web/studies/{study_uid}/series") or b"[]")
         except urllib.error.HTTPError as exc:
             if exc.code == 404:

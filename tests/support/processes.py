@@ -27,7 +27,7 @@ def free_port() -> int:
     raise RuntimeError("no free port that was not handed out already")
 
 
-def wait_for(predicate: Callable[[], T], timeout: float, interval: float = 0.2, what: str = "condition") -> T:
+def wait_for(predicate: Callable[[], T | None], timeout: float, interval: float = 0.2, what: str = "condition") -> T:
     """Poll ``predicate`` until it returns a truthy value (returned) or ``timeout`` seconds pass."""
     deadline = time.monotonic() + timeout
     while True:

@@ -6,9 +6,10 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from pipelines.errors import ModelError
 from pipelines.model.bundle import sha256_file
@@ -215,7 +216,8 @@ def import_nnunet(
             "build_network_architecture the network rebuilt from plans.json may differ from the trained one "
             "(the weights loaded strictly, which catches most such differences)"
         )
-    init_args = ckpt.get("init_args") if isinstance(ckpt.get("init_args"), dict) else {}
+    raw_init_args = ckpt.get("init_args")
+    init_args = raw_init_args if isinstance(raw_init_args, dict) else {}
     trained_cfg = init_args.get("configuration")
     if isinstance(trained_cfg, str) and trained_cfg != configuration:
         warn.append(f"{ckpt_path}: trained as configuration {trained_cfg!r}, imported as {configuration!r}")
@@ -227,7 +229,7 @@ def import_nnunet(
         raise ModelError(f"{ckpt_path}: no 'network_weights' state dict (is this an nnU-Net v2 checkpoint?)")
     _load_weights(network, state, ckpt_path, trainer_name)
     network.eval()
-    module = _wrap(network, transpose_forward, transpose_backward, flips, torch)
+    module = _wrap(network, transpose_forward, transpose_backward, flips)
     module.eval()
 
     rng = np.random.default_rng(seed)

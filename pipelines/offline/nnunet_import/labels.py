@@ -1,12 +1,14 @@
-"""Output labels: the label plan read from dataset.json, the built-in and user-supplied codes, the manifest's segments."""
+"""Output labels: the label plan read from dataset.json, the built-in and user-supplied codes, the manifest's
+segments."""
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from pipelines.errors import ModelError
 

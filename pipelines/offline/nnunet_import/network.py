@@ -7,8 +7,9 @@ import inspect
 import io
 import pkgutil
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from pipelines.errors import ModelError
 from pipelines.offline.nnunet_import.plans import LAYER_PACKAGES, NETWORK_PACKAGES
@@ -143,8 +144,10 @@ def _load_weights(network: Any, state: Mapping[str, Any], path: Path, trainer: s
     network.load_state_dict(cleaned, strict=True)
 
 
-def _wrap(network: Any, tf: list[int], tb: list[int], flips: list[int], torch: Any) -> Any:
+def _wrap(network: Any, tf: list[int], tb: list[int], flips: list[int]) -> Any:
     """The network as the node calls it: NCZYX in LPS order, nnU-Net's transposition and any flips inside."""
+    import torch
+
     if tf == [0, 1, 2] and not flips:
         return network
 
@@ -181,7 +184,7 @@ def _export_onnx(module: Any, example: Any, opset: int) -> bytes:
         try:
             with torch.no_grad():
                 torch.onnx.export(
-                    module, (example,), buffer,
+                    module, (example,), buffer,  # type: ignore[arg-type]  # dynamo=False takes a BytesIO; hint lacks it
                     input_names=["ct"], output_names=["logits"],
                     dynamic_axes={"ct": axes, "logits": axes},
                     opset_version=opset, do_constant_folding=True, dynamo=False,

@@ -1,12 +1,14 @@
-"""Reading nnU-Net's plans.json: the configuration, axis order, CT intensity normalisation and the network architecture."""
+"""Reading nnU-Net's plans.json: the configuration, axis order, CT intensity normalisation and the network
+architecture."""
 
 from __future__ import annotations
 
 import json
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from pipelines.errors import ModelError
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -55,23 +56,23 @@ class Blob:
         rx = np.array([[1, 0, 0], [0, math.cos(ax), -math.sin(ax)], [0, math.sin(ax), math.cos(ax)]])
         ry = np.array([[math.cos(ay), 0, math.sin(ay)], [0, 1, 0], [-math.sin(ay), 0, math.cos(ay)]])
         rz = np.array([[math.cos(az), -math.sin(az), 0], [math.sin(az), math.cos(az), 0], [0, 0, 1]])
-        return rz @ ry @ rx
+        rotation: np.ndarray = rz @ ry @ rx
+        return rotation
 
     def half_extent(self) -> np.ndarray:
         """Half size (x, y, z) of the axis-aligned box around the ellipsoid."""
         rot = self.rotation()
-        return np.sqrt(((rot * np.asarray(self.semi_axes)[None, :]) ** 2).sum(axis=1))
+        half: np.ndarray = np.sqrt(((rot * np.asarray(self.semi_axes)[None, :]) ** 2).sum(axis=1))
+        return half
 
     def inside(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
         """Whether points (broadcastable coordinate arrays, mm) are inside."""
         rot = self.rotation()
         dx, dy, dz = x - np.float32(self.centre[0]), y - np.float32(self.centre[1]), z - np.float32(self.centre[2])
-        q = None
-        for j in range(3):
-            p = (dx * np.float32(rot[0, j]) + dy * np.float32(rot[1, j]) + dz * np.float32(rot[2, j]))
-            term = (p / np.float32(self.semi_axes[j])) ** 2
-            q = term if q is None else q + term
-        mask = q <= 1.0
+        terms = [((dx * np.float32(rot[0, j]) + dy * np.float32(rot[1, j]) + dz * np.float32(rot[2, j]))
+                  / np.float32(self.semi_axes[j])) ** 2 for j in range(3)]
+        # summed left to right, the order the rendered bytes were made with
+        mask: np.ndarray = terms[0] + terms[1] + terms[2] <= 1.0
         for cx, cy, cz, radius in self.cuts:
             mask &= ((x - np.float32(cx)) ** 2 + (y - np.float32(cy)) ** 2 + (z - np.float32(cz)) ** 2
                      > np.float32(radius) ** 2)
@@ -242,14 +243,15 @@ class Diaphragm:
     thickness_mm: float
 
     def height(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        out = None
+        """Height z (mm) of the diaphragm above the points (x, y): the higher of the two domes."""
+        heights = []
         for px, py, pz in (self.right_peak, self.left_peak):
             dy = y - np.float32(py)
             sy = np.where(dy < 0, np.float32(self.spread_y[0]), np.float32(self.spread_y[1]))
-            h = np.float32(pz) - np.float32(self.depth_mm) * (((x - np.float32(px)) / np.float32(self.spread_x)) ** 2
-                                                              + (dy / sy) ** 2)
-            out = h if out is None else np.maximum(out, h)
-        return out
+            heights.append(np.float32(pz) - np.float32(self.depth_mm) * (
+                ((x - np.float32(px)) / np.float32(self.spread_x)) ** 2 + (dy / sy) ** 2))
+        upper: np.ndarray = np.maximum(heights[0], heights[1])
+        return upper
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Diaphragm:
@@ -356,8 +358,10 @@ class Phantom:
         return np.interp(z, prof[:, 0], prof[:, 1]), np.interp(z, prof[:, 0], prof[:, 2])
 
     def fat_mm(self, z: np.ndarray | float) -> np.ndarray:
+        """Thickness of the subcutaneous fat at ``z`` (mm)."""
         prof = np.asarray(self.fat_profile, dtype=float)
-        return np.interp(z, prof[:, 0], prof[:, 1])
+        fat: np.ndarray = np.interp(z, prof[:, 0], prof[:, 1])
+        return fat
 
     def body_extent_xy(self) -> tuple[tuple[float, float], tuple[float, float]]:
         """((x_min, y_min), (x_max, y_max)) of the body over its whole length."""
@@ -366,7 +370,7 @@ class Phantom:
         cx, cy = self.body_centre
         return (cx - a, cy - b), (cx + a, cy + self.back_flatten * b)
 
-    def spine_at(self, z: np.ndarray | float) -> tuple[np.ndarray, ...]:
+    def spine_at(self, z: np.ndarray) -> tuple[np.ndarray, ...]:
         """Vertebral body centre x, y and semi-axes a, b interpolated along z."""
         zs = [v.z_centre for v in reversed(self.vertebrae)]
         cols = [[v.centre_xy[0] for v in reversed(self.vertebrae)], [v.centre_xy[1] for v in reversed(self.vertebrae)],
@@ -377,12 +381,14 @@ class Phantom:
     def muscle_mm(self, z: np.ndarray | float) -> np.ndarray:
         """Thickness of the muscle layer of the body wall (thicker around the upper chest)."""
         prof = np.asarray(self.muscle_profile, dtype=float)
-        return np.interp(z, prof[:, 0], prof[:, 1])
+        muscle: np.ndarray = np.interp(z, prof[:, 0], prof[:, 1])
+        return muscle
 
     def wall_mm(self, z: np.ndarray | float, anterior: np.ndarray | float) -> np.ndarray:
         """Depth of the inner surface of the body wall (skin + fat + muscle), mm;
         ``anterior`` is -1 (posterior) .. 1 (anterior)."""
-        return self.skin_mm + self.fat_mm(z) * (1.0 + 0.3 * np.asarray(anterior)) + self.muscle_mm(z)
+        wall: np.ndarray = self.skin_mm + self.fat_mm(z) * (1.0 + 0.3 * np.asarray(anterior)) + self.muscle_mm(z)
+        return wall
 
     # ----------------------------------------------------------------- serialisation
 
@@ -431,8 +437,8 @@ def _r(value: float, digits: int = 2) -> float:
     return round(float(value), digits)
 
 
-def _pt(*xyz: float) -> Point:
-    return tuple(_r(v) for v in xyz)  # type: ignore[return-value]
+def _pt(x: float, y: float, z: float) -> Point:
+    return _r(x), _r(y), _r(z)
 
 
 def _site_label(site: str) -> int:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import date, timedelta
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -58,7 +58,7 @@ def write_dicom_series(
     """
     # imported here, not at import time: training scripts never write DICOM
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 
     if not isinstance(rendered, RenderedPhantom):
         raise TypeError(f"rendered must be a RenderedPhantom, got {type(rendered).__name__}")
@@ -91,8 +91,8 @@ def write_dicom_series(
         k = nz - instance                       # instance 1 is the top slice
         sop_uid = derive_uid(series_uid, "instance", str(k))
         meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
-        meta.MediaStorageSOPInstanceUID = sop_uid
+        meta.MediaStorageSOPClassUID = UID(CT_IMAGE_STORAGE)
+        meta.MediaStorageSOPInstanceUID = UID(sop_uid)
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
         ds = Dataset()
@@ -158,7 +158,8 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
 def _write_npz(path: Path, **arrays: np.ndarray) -> None:
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as handle:          # a handle: numpy would add ".npz" to a temporary name
-            np.savez_compressed(handle, **arrays)
+            # allow_pickle=False: only numeric arrays are written (and the keyword cannot catch an array)
+            np.savez_compressed(handle, allow_pickle=False, **arrays)
     _write_atomic(path, write)
 
 
@@ -186,5 +187,8 @@ def write_case(phantom: Phantom, grid: Grid, case_dir: Path | str, *, dicom: boo
         "grid": grid.to_dict(),
         "phantom": phantom.to_dict(),
     }
-    _write_atomic(case_dir / "truth.json", lambda p: p.write_text(json.dumps(truth, indent=1) + "\n"))
+    def write_truth(tmp: Path) -> None:
+        tmp.write_text(json.dumps(truth, indent=1) + "\n")
+
+    _write_atomic(case_dir / "truth.json", write_truth)
     return case_dir

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from pipelines.offline.phantom.case_folder import write_case
 from pipelines.offline.phantom.grid import Grid
@@ -17,7 +17,11 @@ from pipelines.offline.phantom.tables import PhantomError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m pipelines.offline.phantom OUT_DIR --cases N --seed S [--grid coarse|chest] [--spacing MM] [--no-dicom]``."""
+    """Write phantom cases; returns the exit status.
+
+    ``python -m pipelines.offline.phantom OUT_DIR --cases N --seed S [--grid coarse|chest] [--spacing MM]
+    [--no-dicom]``.
+    """
     parser = argparse.ArgumentParser(
         prog="python -m pipelines.offline.phantom",
         description="Write synthetic CT phantom cases (case_0000, ...; case i uses seed S + i).")

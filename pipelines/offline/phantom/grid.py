@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -84,8 +85,9 @@ class Grid:
         else:
             (x0, y0), (x1, y1) = phantom.body_extent_xy()
             lo, hi = (x0 - 6.0, y0 - 6.0, phantom.fov_bottom_mm), (x1 + 6.0, y1 + 6.0, phantom.fov_top_mm)
-        counts = [int(math.floor((h - l) / spacing + 1e-6)) + 1 for l, h in zip(lo, hi)]
-        return cls((counts[2], counts[1], counts[0]), (spacing, spacing, spacing), tuple(round(v, 6) for v in lo))
+        counts = [int(math.floor((h - low) / spacing + 1e-6)) + 1 for low, h in zip(lo, hi)]
+        return cls((counts[2], counts[1], counts[0]), (spacing, spacing, spacing),
+                   (round(lo[0], 6), round(lo[1], 6), round(lo[2], 6)))
 
     @property
     def voxel_volume_mm3(self) -> float:

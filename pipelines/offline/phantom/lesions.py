@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -43,7 +45,24 @@ def _lesion_probabilities(value: float | Mapping[str, float]) -> dict[str, float
 _REQUEST_KEYS = frozenset({"site", "type", "diameter_mm", "contrast_hu", "hu"})
 
 
-def _lesion_request(spec: Mapping[str, Any], index: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class LesionRequest:
+    """One lesion to place: forced by the caller (``forced``; placing it must succeed) or drawn at
+    random; a None value (diameter, contrast against the organ, or absolute HU) is drawn when placed."""
+
+    site: str
+    type: str
+    diameter_mm: float | None = None
+    contrast_hu: float | None = None
+    hu: float | None = None
+    forced: bool = False
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _lesion_request(spec: Mapping[str, Any], index: int) -> LesionRequest:
     """Validate one forced lesion; missing values are drawn later."""
     if not isinstance(spec, Mapping):
         raise TypeError(f"lesions[{index}] must be a mapping such as {{'site': 'liver'}}, got {spec!r}")
@@ -64,27 +83,27 @@ def _lesion_request(spec: Mapping[str, Any], index: int) -> dict[str, Any]:
     for key in ("contrast_hu", "hu"):
         if key in spec and not -300.0 <= float(spec[key]) <= 1200.0:
             raise PhantomError(f"lesions[{index}]: {key} must be -300..1200 HU, got {spec[key]!r}")
-    return {"site": site, "type": kind, "diameter_mm": diameter, "contrast_hu": spec.get("contrast_hu"),
-            "hu": spec.get("hu"), "forced": True}
+    return LesionRequest(site=site, type=kind, diameter_mm=_optional_float(diameter),
+                         contrast_hu=_optional_float(spec.get("contrast_hu")), hu=_optional_float(spec.get("hu")),
+                         forced=True)
 
 
 def _random_lesion_requests(rng: np.random.Generator, probabilities: Mapping[str, float],
-                            lung_nodules: int | None) -> list[dict[str, Any]]:
+                            lung_nodules: int | None) -> list[LesionRequest]:
+    """The lesions drawn at random: per cancer site with its probability, then the lung nodules."""
     requests = []
     for site in CANCER_SITES:
         draw, type_draw = rng.random(), rng.random()
         if draw < probabilities[site]:
             weights = np.cumsum(LESION_TYPE_WEIGHTS[site])
             kind = LESION_TYPES[site][int(np.searchsorted(weights / weights[-1], type_draw))]
-            requests.append({"site": site, "type": kind, "diameter_mm": None, "contrast_hu": None, "hu": None,
-                             "forced": False})
+            requests.append(LesionRequest(site=site, type=kind))
     count = (0 if rng.random() < 0.5 else int(rng.integers(1, 4))) if lung_nodules is None else lung_nodules
-    requests += [{"site": "lung", "type": "nodule", "diameter_mm": None, "contrast_hu": None, "hu": None,
-                  "forced": False} for _ in range(count)]
+    requests += [LesionRequest(site="lung", type="nodule") for _ in range(count)]
     return requests
 
 
-def _place_lesions(anatomy: Phantom, requests: list[dict[str, Any]], rng: np.random.Generator) -> tuple[Lesion, ...]:
+def _place_lesions(anatomy: Phantom, requests: list[LesionRequest], rng: np.random.Generator) -> tuple[Lesion, ...]:
     """Put each requested lesion inside its organ, fully inside the field of view in z
     where it fits: chosen on a coarse label rendering of the anatomy."""
     if not requests:
@@ -92,7 +111,7 @@ def _place_lesions(anatomy: Phantom, requests: list[dict[str, Any]], rng: np.ran
     (x0, y0), (x1, y1) = anatomy.body_extent_xy()
     s = _PLACEMENT_SPACING_MM
     lo = (x0 - s, y0 - s, anatomy.fov_bottom_mm)
-    counts = [int(math.floor((h - l) / s)) + 1 for l, h in zip(lo, (x1 + s, y1 + s, anatomy.fov_top_mm))]
+    counts = [int(math.floor((h - low) / s)) + 1 for low, h in zip(lo, (x1 + s, y1 + s, anatomy.fov_top_mm))]
     grid = Grid((counts[2], counts[1], counts[0]), (s, s, s), lo)
     canvas = _Canvas(grid, with_hu=False)
     _paint_anatomy(canvas, anatomy)
@@ -100,9 +119,9 @@ def _place_lesions(anatomy: Phantom, requests: list[dict[str, Any]], rng: np.ran
     zs, ys, xs = grid.axes_mm()
     placed: list[Lesion] = []
     for request in requests:
-        site, kind = request["site"], request["type"]
+        site, kind = request.site, request.type
         lo_d, hi_d = LESION_DIAMETER_MM[site]
-        diameter = request["diameter_mm"]
+        diameter = request.diameter_mm
         drawn_d = math.exp(rng.uniform(math.log(lo_d), math.log(hi_d)))
         if site == "lung" and rng.random() < 0.85:
             drawn_d = math.exp(rng.uniform(math.log(3.0), math.log(14.0)))
@@ -111,7 +130,7 @@ def _place_lesions(anatomy: Phantom, requests: list[dict[str, Any]], rng: np.ran
         radius = diameter / 2.0
         host = canvas.organs == _site_label(site)
         if not host.any():
-            if request["forced"]:
+            if request.forced:
                 raise PhantomError(f"cannot place a {diameter:.0f} mm {site} lesion: the {site} is not in the "
                                    f"field of view ({anatomy.fov_bottom_mm:.0f}..{anatomy.fov_top_mm:.0f} mm)")
             continue
@@ -128,7 +147,7 @@ def _place_lesions(anatomy: Phantom, requests: list[dict[str, Any]], rng: np.ran
             pool = depth * in_fov if (depth * in_fov).max() > 0 else depth
             deepest = pool.max()
             if deepest <= 0:
-                if request["forced"]:
+                if request.forced:
                     raise PhantomError(f"cannot place a {diameter:.0f} mm {site} lesion: no free {site} voxel")
                 continue
             candidates = pool >= 0.8 * deepest
@@ -166,15 +185,16 @@ def _depth_mm(mask: np.ndarray, spacing: float) -> np.ndarray:
     return out
 
 
-def _lesion_contrast(anatomy: Phantom, request: Mapping[str, Any], rng: np.random.Generator) -> float:
-    site, kind = request["site"], request["type"]
+def _lesion_contrast(anatomy: Phantom, request: LesionRequest, rng: np.random.Generator) -> float:
+    """The lesion's contrast against its organ (HU): as requested, else drawn for its site and type."""
+    site, kind = request.site, request.type
     reference = _organ_reference_hu(anatomy, site)
     if kind in ("cyst", "nodule"):
         drawn = rng.uniform(*(CYST_HU if kind == "cyst" else NODULE_HU)) - reference
     else:
         drawn = rng.uniform(*LESION_CONTRAST_HU[(site, kind)])
-    if request["contrast_hu"] is not None:
-        return float(request["contrast_hu"])
-    if request["hu"] is not None:
-        return float(request["hu"]) - reference
+    if request.contrast_hu is not None:
+        return float(request.contrast_hu)
+    if request.hu is not None:
+        return float(request.hu) - reference
     return float(drawn)

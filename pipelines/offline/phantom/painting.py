@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from pipelines.offline.phantom.anatomy import Blob, Phantom, Point, Tube, _organ_reference_hu, _site_label
 from pipelines.offline.phantom.grid import Grid
@@ -35,11 +37,14 @@ class _Canvas:
         k1 = min(self.grid.shape[axis] - 1, math.floor((hi - origin) / step + 1e-6))
         return (k0, k1 + 1) if k0 <= k1 else None
 
-    def box(self, lo_xyz: Sequence[float], hi_xyz: Sequence[float]) -> tuple[slice, slice, slice] | None:
+    def box(self, lo_xyz: Sequence[float] | np.ndarray, hi_xyz: Sequence[float] | np.ndarray
+            ) -> tuple[slice, slice, slice] | None:
+        """Index slices (z, y, x) of the voxels within the LPS box [lo_xyz, hi_xyz], None if it misses the grid."""
         spans = [self.span(axis, lo_xyz[2 - axis], hi_xyz[2 - axis]) for axis in range(3)]
-        if any(s is None for s in spans):
+        found = [s for s in spans if s is not None]
+        if len(found) < 3:
             return None
-        return tuple(slice(*s) for s in spans)  # type: ignore[return-value, misc]
+        return slice(*found[0]), slice(*found[1]), slice(*found[2])
 
     def coords(self, box: tuple[slice, slice, slice]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Broadcastable x, y, z coordinates of a box."""
@@ -58,8 +63,8 @@ class _Canvas:
             sub = self.hu[box]
             sub[mask] = values
         if label is not None:
-            sub = self.organs[box]
-            sub[mask] = label
+            labels = self.organs[box]
+            labels[mask] = label
 
 
 def _texture(key: Sequence[int], x: np.ndarray, y: np.ndarray, z: np.ndarray, amplitude: float,
@@ -75,7 +80,8 @@ def _texture(key: Sequence[int], x: np.ndarray, y: np.ndarray, z: np.ndarray, am
         out = out + (np.cos(x * np.float32(k[0]) + np.float32(phase[0]))
                      * np.cos(y * np.float32(k[1]) + np.float32(phase[1]))
                      * np.cos(z * np.float32(k[2]) + np.float32(phase[2])))
-    return out * np.float32(amplitude / (0.3536 * math.sqrt(terms)))
+    field: np.ndarray | float = out * np.float32(amplitude / (0.3536 * math.sqrt(terms)))
+    return field
 
 
 _TEXTURE_KEYS = {name: i for i, name in enumerate((
@@ -103,9 +109,10 @@ def _tube_field(cv: _Canvas, centres: np.ndarray, radii: np.ndarray, track: bool
     starts = [s.start for s in box]
     for i, (c, r) in enumerate(zip(centres, radii)):
         spans = [cv.span(axis, c[2 - axis] - r, c[2 - axis] + r) for axis in range(3)]
-        if any(sp is None for sp in spans):
+        found = [sp for sp in spans if sp is not None]
+        if len(found) < 3:
             continue
-        (z0, z1), (y0, y1), (x0, x1) = ((sp[0] - st, sp[1] - st) for sp, st in zip(spans, starts))
+        (z0, z1), (y0, y1), (x0, x1) = ((sp[0] - st, sp[1] - st) for sp, st in zip(found, starts))
         dz = (z[z0:z1] - np.float32(c[2])) ** 2
         dy = (y[y0:y1] - np.float32(c[1])) ** 2
         dx = (x[x0:x1] - np.float32(c[0])) ** 2
@@ -124,7 +131,7 @@ def _region_mask(cv: _Canvas, box: tuple[slice, slice, slice], regions: Sequence
     if regions is None:
         return None
     sub = cv.region[box]
-    mask = sub == regions[0]
+    mask: np.ndarray = sub == regions[0]
     for value in regions[1:]:
         mask |= sub == value
     return mask
@@ -161,7 +168,7 @@ def _paint_tube(cv: _Canvas, phantom: Phantom, tube: Tube, *, label: int | None,
     if texture is not None:
         name, index, amplitude = texture
         values += _texture(_key(phantom, name, index), x, y, z, amplitude)
-    if lumen is not None and wall_mm > 0:
+    if lumen is not None and near is not None and wall_mm > 0:     # near: tracked whenever lumen is given
         inner = sd[mask] <= -wall_mm
         if inner.any():
             idx = near[mask][inner]
@@ -173,7 +180,8 @@ def _paint_blob(cv: _Canvas, phantom: Phantom, blob: Blob, *, label: int | None,
                 texture: tuple[str, int, float] | None = None, regions: Sequence[int] | None = None,
                 grow_mm: float = 0.0) -> None:
     if grow_mm:
-        blob = dataclasses.replace(blob, semi_axes=tuple(a + grow_mm for a in blob.semi_axes))
+        a, b, c = blob.semi_axes
+        blob = dataclasses.replace(blob, semi_axes=(a + grow_mm, b + grow_mm, c + grow_mm))
     half = blob.half_extent()
     box = cv.box(np.asarray(blob.centre) - half, np.asarray(blob.centre) + half)
     if box is None:
@@ -219,7 +227,10 @@ def _paint_body(cv: _Canvas, ph: Phantom) -> None:
         a, b = ph.body_semi_axes(z)
         fat = ph.fat_mm(z)
         vx, vy, va, vb = ph.spine_at(z)
-        f32 = lambda v: np.asarray(v, dtype=np.float32)[:, None, None]  # noqa: E731
+
+        def f32(v: npt.ArrayLike) -> npt.NDArray[np.float32]:
+            return np.asarray(v, dtype=np.float32)[:, None, None]
+
         a3, b3, fat3 = f32(a), f32(b), f32(fat)
         q = dx2[None] / a3 ** 2 + dy2[None] / b3 ** 2
         rho = np.sqrt(q)
@@ -254,6 +265,7 @@ def _paint_body(cv: _Canvas, ph: Phantom) -> None:
             continue
         hu = cv.hu[k0:k0 + chunk]
         tex = _texture(_key(ph, "body"), x_all[None, None, :], y_all[None, :, None], z3, 1.0, (6.0, 25.0))
+        assert isinstance(tex, np.ndarray)              # a non-zero amplitude gives a field, never the scalar 0
         hu[inside] = t.muscle
         hu[inside & (depth <= fat_end)] = t.fat
         hu[inside & (depth <= skin)] = t.skin
@@ -299,6 +311,7 @@ def _colon_lumen(ph: Phantom, wall_mm: float) -> Callable[..., np.ndarray]:
         level = np.interp(np.maximum(u, 0), np.arange(len(fractions)), fractions).astype(np.float32)
         rel = _lumen_position(y, c, r, wall_mm)
         values = np.float32(ph.tissues.stool) + _texture(_key(ph, "stool"), x, y, z, 35.0, (3.0, 9.0), 6)
+        assert isinstance(values, np.ndarray)           # a non-zero amplitude gives a field, never the scalar 0
         gas = rel < 2 * level - 1
         for centre, radius in zip(bubbles, bubble_r):
             gas |= ((x - centre[0]) ** 2 + (y - centre[1]) ** 2 + (z - centre[2]) ** 2) <= radius ** 2
@@ -324,7 +337,7 @@ def _paint_anatomy(cv: _Canvas, ph: Phantom) -> None:
     air = lambda x, *_: np.full(x.shape, -1000.0, np.float32)  # noqa: E731
     for tube in (ph.trachea,) + ph.bronchi:
         _paint_tube(cv, ph, tube, label=0, hu=t.wall, wall_mm=2.0, lumen=air, regions=(2,))
-    for i, tube in enumerate(ph.lung_vessels):
+    for tube in ph.lung_vessels:
         _paint_tube(cv, ph, tube, label=None, hu=t.blood, host=ORGAN_IDS["lung"])
     for i, (tube, gas) in enumerate(zip(ph.small_bowel, ph.small_bowel_gas)):
         _paint_tube(cv, ph, tube, label=0, hu=t.wall, wall_mm=2.5, lumen=_lumen_fluid_gas(t.bowel_fluid, gas, 2.5),

@@ -62,6 +62,7 @@ def render(phantom: Phantom, grid: Grid, *, noise: bool = True, blur: bool = Tru
     truth = _truth(cv, phantom)
     thickness = phantom.slice_thickness_mm if phantom.slice_thickness_mm is not None else grid.spacing_mm[0]
     hu = cv.hu
+    assert hu is not None                               # the canvas was made with_hu
     if blur:
         _blur(hu, grid, thickness)
     if noise and phantom.noise_sigma_hu > 0:
@@ -79,7 +80,8 @@ def _gaussian_weights(sigma: float, truncate: float = 3.0) -> np.ndarray:
     half = int(truncate * sigma + 0.5)
     x = np.arange(-half, half + 1, dtype=float)
     w = np.exp(-0.5 * (x / sigma) ** 2)
-    return w / w.sum()
+    weights: np.ndarray = w / w.sum()
+    return weights
 
 
 def _blur(hu: np.ndarray, grid: Grid, thickness_mm: float) -> None:
@@ -120,17 +122,19 @@ def _truth(cv: _Canvas, ph: Phantom) -> dict[str, Any]:
     """Ground truth on this grid, from the noise-free, unblurred image and the label maps."""
     grid = cv.grid
     organs, lesions, vertebrae = cv.organs, cv.lesions, cv.vertebrae
+    hu = cv.hu
+    assert hu is not None                               # the canvas was made with_hu
     boxes = ndimage.find_objects(organs, max_label=len(ORGAN_LABELS))
     present = {i + 1 for i, box in enumerate(boxes) if box is not None}
     cut = {label for label in present if _touches_edge(boxes[label - 1], grid.shape)}
     level_boxes = ndimage.find_objects(vertebrae, max_label=len(LEVELS))
     levels = {i + 1 for i, box in enumerate(level_boxes) if box is not None}
     levels_cut = {level for level in levels if _touches_edge(level_boxes[level - 1], grid.shape)}
-    means = {}
+    means: dict[str, float | None] = {}
     for name in ("liver", "spleen"):
         box = boxes[ORGAN_IDS[name] - 1]
         mask = None if box is None else (organs[box] == ORGAN_IDS[name]) & (lesions[box] == 0)
-        means[name] = _r(float(cv.hu[box][mask].mean()), 2) if mask is not None and mask.any() else None
+        means[name] = _r(float(hu[box][mask].mean()), 2) if mask is not None and mask.any() else None
     bone = kvp_bone_factor(ph.kvp)
     trabecular = {v.level: _r(v.trabecular_hu * bone) for v in ph.vertebrae}
     lesion_truth = []
@@ -146,15 +150,16 @@ def _truth(cv: _Canvas, ph: Phantom) -> dict[str, Any]:
             "voxel_count": n, "volume_mm3": _r(n * grid.voxel_volume_mm3, 1), "visible": n > 0,
         })
     liver_hu = ph.tissues.liver
+    liver_mean, spleen_mean = means["liver"], means["spleen"]
     return {
         "seed": ph.seed,
         "kvp": ph.kvp,
         "noise_sigma_hu": ph.noise_sigma_hu,
         "slice_thickness_mm": ph.slice_thickness_mm,
         "liver_hu": liver_hu,
-        "liver_mean_hu": means["liver"],
-        "spleen_mean_hu": means["spleen"],
-        "liver_minus_spleen_hu": None if None in means.values() else _r(means["liver"] - means["spleen"]),
+        "liver_mean_hu": liver_mean,
+        "spleen_mean_hu": spleen_mean,
+        "liver_minus_spleen_hu": None if liver_mean is None or spleen_mean is None else _r(liver_mean - spleen_mean),
         "steatosis": ph.steatosis,
         "bone_density": ph.bone_density,
         "trabecular_mean_hu": trabecular,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -148,16 +149,16 @@ def _sample_anatomy(rng: np.random.Generator, seed: int, steatosis: str | None, 
     # every value is drawn whatever the options, so that options never shift later draws
     liver_class = STEATOSIS_CLASSES[int(np.searchsorted([0.6, 0.8], rng.random()))]
     livers = {"none": u(55, 65), "mild": u(40.5, 47.5), "moderate-severe": u(15, 38)}
-    liver = float(liver_hu) if liver_hu is not None else livers[steatosis or liver_class]
-    steatosis_found = steatosis_class(liver)
+    liver_tissue_hu = float(liver_hu) if liver_hu is not None else livers[steatosis or liver_class]
+    steatosis_found = steatosis_class(liver_tissue_hu)
     bone_class = BONE_DENSITY_CLASSES[int(np.searchsorted([0.5, 0.8], rng.random()))]
     l1s = {"normal": u(170, 260), "osteopenic": u(115, 155), "osteoporotic": u(55, 105)}
-    l1 = float(trabecular_hu) if trabecular_hu is not None else l1s[bone_density or bone_class]
-    density = bone_density_class(l1)
+    l1_hu = float(trabecular_hu) if trabecular_hu is not None else l1s[bone_density or bone_class]
+    density = bone_density_class(l1_hu)
     fat = u(-110, -90)
     tissues = Tissues(
         fat=_r(fat), visceral_fat=_r(fat + u(0, 8)), muscle=_r(u(47, 53)), skin=_r(u(27, 33)),
-        lung=_r(u(-865, -835)), lung_gradient=_r(u(20, 40)), blood=_r(u(41, 49)), liver=_r(liver),
+        lung=_r(u(-865, -835)), lung_gradient=_r(u(20, 40)), blood=_r(u(41, 49)), liver=_r(liver_tissue_hu),
         spleen=_r(u(45.5, 49.5)), pancreas=_r(u(37, 43)), kidney=_r(u(30.5, 34.5)), wall=_r(u(39, 44)),
         stomach_fluid=_r(u(2, 13)), stool=_r(u(-25, 25)), bowel_fluid=_r(u(5, 25)), gallbladder=_r(u(0, 15)),
         disc=_r(u(74, 86)), canal=_r(u(21, 29)), posterior_bone=_r(u(300, 420)), rib=_r(u(460, 590)),
@@ -168,15 +169,15 @@ def _sample_anatomy(rng: np.random.Generator, seed: int, steatosis: str | None, 
     # ---- vertebral bodies
     vertebrae = []
     for i, level in enumerate(LEVELS.values()):
-        zc = 0.5 * (z_bottoms[i] + z_tops[i])
+        z_mid = 0.5 * (z_bottoms[i] + z_tops[i])
         if i < 12:
             va, vb = scale * (15 + 7 * i / 11), scale * (11 + 5 * i / 11)
             depth = scale * (56 + 6 * i / 11)
         else:
             va, vb = scale * (23 + 3 * (i - 12) / 4), scale * (17 + 2 * (i - 12) / 4)
             depth = scale * (64 + 10 * min(i - 12, 2) / 2)
-        y_back = cy + flatten * b_at(zc)
-        trab = l1 + 2.5 * (12 - i) + rng.normal(0, 3) if i != 12 else l1
+        y_back = cy + flatten * b_at(z_mid)
+        trab = l1_hu + 2.5 * (12 - i) + rng.normal(0, 3) if i != 12 else l1_hu
         vertebrae.append(Vertebra(
             level=level, z_bottom=_r(z_bottoms[i]), z_top=_r(z_tops[i]),
             centre_xy=(_r(cx + rng.normal(0, 1.0)), _r(y_back - depth)), semi_axes_xy=(_r(va), _r(vb)),
@@ -185,8 +186,9 @@ def _sample_anatomy(rng: np.random.Generator, seed: int, steatosis: str | None, 
 
     def spine(zz: float) -> tuple[float, float, float, float]:
         zs = [v.z_centre for v in reversed(vertebrae)]
-        return tuple(float(np.interp(zz, zs, [getattr(v, attr)[k] for v in reversed(vertebrae)]))
-                     for attr, k in (("centre_xy", 0), ("centre_xy", 1), ("semi_axes_xy", 0), ("semi_axes_xy", 1)))
+        x, y, a, b = (float(np.interp(zz, zs, [getattr(v, attr)[k] for v in reversed(vertebrae)]))
+                      for attr, k in (("centre_xy", 0), ("centre_xy", 1), ("semi_axes_xy", 0), ("semi_axes_xy", 1)))
+        return x, y, a, b
 
     def cavity(zz: float) -> tuple[float, float, float, float]:
         """Cavity (inside the body wall) LR and AP semi-axes, its front y and the back y."""
@@ -339,11 +341,11 @@ def _sample_anatomy(rng: np.random.Generator, seed: int, steatosis: str | None, 
     small_bowel, small_bowel_gas = [], []
     for _ in range(int(rng.integers(6, 11))):
         p = np.array([cx + u(-0.35, 0.4) * a_ca, cy + u(-0.55, 0.05) * b_ca, u(vert["L5"].z_bottom - 20, zc["L2"])])
-        pts = [p]
+        loop = [p]
         for _ in range(3):
             p = p + rng.normal(0, 1, 3) * np.array([25.0, 12.0, 20.0])
-            pts.append(p)
-        small_bowel.append(Tube(tuple(_pt(*q) for q in pts), (_r(u(9, 13)),) * 4, "small bowel"))
+            loop.append(p)
+        small_bowel.append(Tube(tuple(_pt(*q) for q in loop), (_r(u(9, 13)),) * 4, "small bowel"))
         small_bowel_gas.append(_r(u(0, 0.3) if rng.random() < 0.3 else 0.0))
 
     psoas = []

@@ -9,11 +9,10 @@ is stopped by its PID; ports come from the OS; every wait is bounded.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
-
 from support.node import NodeProcess
 from support.orthanc import Orthanc, running_orthanc
 from support.pki import make_pki

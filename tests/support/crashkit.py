@@ -28,10 +28,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -392,7 +392,7 @@ def verify(rig: CrashRig, orthanc: Orthanc | None, settle_timeout: float = 120.0
         listing = wait_for(settled, settle_timeout, interval=0.5, what="every series done or rejected")
     except TimeoutError:
         listing = series_states(data_dir)
-        for uid, (st, n, reason) in listing.items():
+        for uid, (st, n, _reason) in listing.items():
             if st not in TERMINAL:
                 problems.append(
                     f"series {uid} still {st} ({n} instances) {settle_timeout:.0f} s after the last restart")

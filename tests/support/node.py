@@ -5,9 +5,9 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from support.data import REPO
 from support.processes import free_port, port_open, stop_process, wait_for

@@ -17,11 +17,10 @@ import sys
 import time
 import urllib.error
 from collections import Counter
+from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
-
 
 from support.data import REPO
 from support.dcmtk import storescu
@@ -34,7 +33,6 @@ SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 RESULT_CLASSES = {SEG_CLASS: "SEG", SR_CLASS: "SR"}
 CI_OUTAGE_SECONDS = float(os.environ.get("PACS_AI_OUTAGE_SECONDS", "12"))
-
 
 
 # -- the modality --------------------------------------------------------------------------------

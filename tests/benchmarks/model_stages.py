@@ -27,12 +27,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from pipelines.offline import phantom  # noqa: E402
 from pipelines.analysis import SeriesAnalyzer  # noqa: E402
-from pipelines.model.run import BundleRun  # noqa: E402
-from pipelines.timing import StageTiming  # noqa: E402
-from pipelines.model.inference import CascadeRunner, VolumeGrids  # noqa: E402
 from pipelines.model.bundle import ModelBundle  # noqa: E402
+from pipelines.model.inference import CascadeRunner, VolumeGrids  # noqa: E402
+from pipelines.model.run import BundleRun  # noqa: E402
+from pipelines.offline import phantom  # noqa: E402
+from pipelines.timing import StageTiming  # noqa: E402
 from pipelines.volume.ct import load_series  # noqa: E402
 
 

@@ -11,10 +11,10 @@ import pydicom
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from node.observe.audit import read_events
 from support.data import REPO, abdomen_files
 from support.dcmtk import storescu
 from support.processes import wait_for
-from node.observe.audit import read_events
 
 
 def _metrics(port: int) -> dict[tuple[str, tuple], float]:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pydicom
+
 from support.data import REPO
 from support.node import StartNode
 from support.processes import free_port

@@ -18,14 +18,14 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
-from support.data import abdomen_files
-from support.dcmtk import storescu
-from support.node import transfers_audited
-from support.series import copy_series
-from support.processes import wait_for
 from node.store.recovery import adopt_unrecorded
 from node.store.spool import Spool, write_durably
 from node.store.state import StateStore
+from support.data import abdomen_files
+from support.dcmtk import storescu
+from support.node import transfers_audited
+from support.processes import wait_for
+from support.series import copy_series
 from support.validators import dciodvfy
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
@@ -87,7 +87,7 @@ def test_concurrent_associations_keep_series_apart(start_node, tmp_path: Path) -
     for name, files in batches.items():
         assert results[name] == [0] * len(files), name
         uid = series_uid_of(files)
-        row = wait_for(lambda: (r := series_row(node.data_dir, uid)) and r["state"] == "done" and r, 90,
+        row = wait_for(lambda uid=uid: (r := series_row(node.data_dir, uid)) and r["state"] == "done" and r, 90,
                        what=f"series {name} processed")
         assert row["instance_count"] == 30
         assert row["completion"] == "sender released the association, gap-free run of 30 slices"

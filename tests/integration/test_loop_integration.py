@@ -16,10 +16,10 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from pipelines.volume.ct import load_series
 from support.data import abdomen_files
 from support.dcmtk import PEER_ENV, dcmtk, storescu
 from support.processes import wait_for
-from pipelines.volume.ct import load_series
 from support.validators import dciodvfy, dcmqi_seg_masks, tid1500_json
 
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -109,8 +109,8 @@ def test_ct_in_seg_and_sr_back_in_pacs(orthanc, start_node, tmp_path: Path, have
 
     # The admin sees the outcome.
     listing = subprocess.run(
-        [sys.executable, "-m", "node", "series", "list", "--data-dir", str(node.data_dir)], capture_output=True, text=True,
-        timeout=60,
+        [sys.executable, "-m", "node", "series", "list", "--data-dir", str(node.data_dir)],
+        capture_output=True, text=True, timeout=60,
     )
     assert "done" in listing.stdout
     log = node.output()
@@ -158,6 +158,6 @@ def test_echoscu_and_echo_command(start_node) -> None:
                           text=True, timeout=60)
     assert ours.returncode == 0, ours.stdout + ours.stderr
     assert "status 0x0000" in ours.stdout and "round trip" in ours.stdout
-    wrong = subprocess.run([sys.executable, "-m", "node", "echo", f"NOTTHENODE@127.0.0.1:{node.port}"], capture_output=True,
-                           text=True, timeout=60)
+    wrong = subprocess.run([sys.executable, "-m", "node", "echo", f"NOTTHENODE@127.0.0.1:{node.port}"],
+                           capture_output=True, text=True, timeout=60)
     assert wrong.returncode != 0 and "no association" in wrong.stdout

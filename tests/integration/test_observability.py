@@ -16,13 +16,14 @@ import socket
 import stat
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from node.http.server import metrics_route
 from node.observe.audit import (
     ACTIONS,
     OUTCOMES,
@@ -32,12 +33,11 @@ from node.observe.audit import (
     read_events,
     transfer_outcome,
 )
-from node.store.header import InstanceHeader
 from node.observe.logs import NOISY_LOGGERS, configure_logging, patient_text
-from node.http.server import metrics_route
 from node.observe.metrics import NodeMetrics, store_counts
-from pipelines.timing import StageTiming
+from node.store.header import InstanceHeader
 from node.store.state import StateStore
+from pipelines.timing import StageTiming
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
@@ -83,7 +83,8 @@ def test_exposition_parses_and_hooks_change_values(tmp_path: Path) -> None:
     metrics.series_finished("rejected", rules=("no_contrast_agent", "slice_thickness", "no_contrast_agent"))
     metrics.series_finished("rejected", rules=["geometry"])
     metrics.series_finished("failed")
-    metrics.stage_timings([StageTiming("eligibility", 0.004), StageTiming("organs", 0.42, "reference-cascade", model=True),
+    metrics.stage_timings([StageTiming("eligibility", 0.004),
+                           StageTiming("organs", 0.42, "reference-cascade", model=True),
                            StageTiming("postprocess", 0.07, "reference-cascade"),
                            StageTiming("encode", 0.76, "reference-cascade"), StageTiming("total", 1.54),
                            StageTiming("bogus", float("inf"))])
@@ -527,7 +528,7 @@ def test_appended_never_rewritten_and_private(tmp_path: Path) -> None:
     audit.application_activity(True)
     audit.instances_received("CT1", "10.0.0.5", STUDY, {CT: 3})
     [path] = (tmp_path / "audit").iterdir()
-    assert path.name == f"audit-{datetime.now(timezone.utc).date().isoformat()}.jsonl"
+    assert path.name == f"audit-{datetime.now(UTC).date().isoformat()}.jsonl"
     before = path.read_bytes()
     inode = path.stat().st_ino
     audit.association_rejected("EVIL", "10.6.6.6", "called AE title is not AINODE")
@@ -543,7 +544,7 @@ def test_appended_never_rewritten_and_private(tmp_path: Path) -> None:
 def test_a_torn_line_is_kept_apart_and_skipped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     folder = tmp_path / "audit"
     folder.mkdir()
-    day = datetime.now(timezone.utc).date()
+    day = datetime.now(UTC).date()
     path = folder / f"audit-{day.isoformat()}.jsonl"
     torn = b'{"EventIdentification":{"EventID":{"code":"110104"'
     path.write_bytes(torn)  # a crash in the middle of a write
@@ -557,8 +558,8 @@ def test_a_torn_line_is_kept_apart_and_skipped(tmp_path: Path, caplog: pytest.Lo
 def test_files_by_utc_date_and_read_since(tmp_path: Path) -> None:
     moments = iter([
         datetime(2026, 1, 2, 1, 30, tzinfo=timezone(timedelta(hours=5))),  # 2026-01-01 20:30 UTC
-        datetime(2026, 1, 1, 23, 59, 59, tzinfo=timezone.utc),
-        datetime(2026, 1, 2, 0, 0, 1, tzinfo=timezone.utc),
+        datetime(2026, 1, 1, 23, 59, 59, tzinfo=UTC),
+        datetime(2026, 1, 2, 0, 0, 1, tzinfo=UTC),
     ])
     audit = AuditTrail(tmp_path, "AINODE", clock=lambda: next(moments))
     first = audit.application_activity(True)
@@ -568,10 +569,10 @@ def test_files_by_utc_date_and_read_since(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "audit").iterdir()) == [
         "audit-2026-01-01.jsonl", "audit-2026-01-02.jsonl"]
     assert len(list(read_events(tmp_path))) == 3
-    since = list(read_events(tmp_path, since=datetime(2026, 1, 1, 23, 0, tzinfo=timezone.utc)))
+    since = list(read_events(tmp_path, since=datetime(2026, 1, 1, 23, 0, tzinfo=UTC)))
     assert [e["EventIdentification"]["EventDateTime"] for e in since] == [
         "2026-01-01T23:59:59.000Z", "2026-01-02T00:00:01.000Z"]
-    assert list(read_events(tmp_path, since=datetime(2026, 1, 2, tzinfo=timezone.utc))) == [last]
+    assert list(read_events(tmp_path, since=datetime(2026, 1, 2, tzinfo=UTC))) == [last]
     with pytest.raises(ValueError, match="time zone"):
         list(read_events(tmp_path, since=datetime(2026, 1, 2)))
     assert list(read_events(tmp_path / "nothing")) == []

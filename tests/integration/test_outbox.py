@@ -13,12 +13,12 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from node.cli.main import main
+from node.store.state import DEAD, PENDING, SENT, StateStore
 from support.data import abdomen_files
 from support.dcmtk import storescu
 from support.orthanc import Orthanc
 from support.processes import wait_for
-from node.cli.main import main
-from node.store.state import DEAD, PENDING, SENT, StateStore
 
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 SR = "1.2.840.10008.5.1.4.1.1.88.34"
@@ -92,7 +92,8 @@ max_attempts = 2
         assert set(rows) == {("pacs", SEG), ("pacs", SR), ("web", SR)}
         assert rows[("pacs", SEG)].state == SENT and rows[("pacs", SEG)].last_status == "0x0000 success"
         sr_dicom, sr_web = rows[("pacs", SR)], rows[("web", SR)]
-        assert (sr_dicom.state, sr_dicom.attempts, sr_dicom.last_status) == (DEAD, 2, "0xA700 refused: out of resources")
+        assert (sr_dicom.state, sr_dicom.attempts, sr_dicom.last_status) == (
+            DEAD, 2, "0xA700 refused: out of resources")
         assert (sr_web.state, sr_web.attempts, sr_web.last_status) == (DEAD, 2, "HTTP 200")
         assert sr_web.last_error == "not listed as stored in the STOW-RS response"
         # The sender records the failure, then logs it: wait for the line itself.

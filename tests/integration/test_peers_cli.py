@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from support.cli import cli, write_config
 from support.node import StartNode
 from support.orthanc import Orthanc

@@ -17,12 +17,12 @@ import numpy as np
 import pydicom
 import pytest
 
-from support.data import REPO
-from pipelines.offline import phantom
 from pipelines.analysis import SeriesAnalyzer
-from pipelines.model.manifest import load_manifest
 from pipelines.model.bundle import ModelBundle, sha256_file
+from pipelines.model.manifest import load_manifest
+from pipelines.offline import phantom
 from pipelines.volume.ct import load_series
+from support.data import REPO
 from support.validators import dciodvfy
 
 BUNDLE = REPO / "onnx_models" / "reference-cascade"

@@ -17,6 +17,11 @@ from pathlib import Path
 
 import pydicom
 import pytest
+
+from pipelines.dicom_out.keyimages import KeyImageSeries, build_key_images
+from pipelines.dicom_out.presentation import GRAYSCALE_SOFTCOPY_PRESENTATION_STATE_STORAGE, build_presentation_states
+from pipelines.dicom_out.uids import derive_uid
+from pipelines.volume.ct import CTVolume, load_series
 from support.data import REPO, abdomen_files
 from support.dcmtk import storescu
 from support.findings import KEY_IMAGE_ALGORITHM, PREFIX, key_image_arguments, key_image_findings, paint_lesions
@@ -24,11 +29,6 @@ from support.node import StartNode
 from support.orthanc import Orthanc
 from support.processes import wait_for
 from support.validators import dciodvfy
-
-from pipelines.dicom_out.keyimages import KeyImageSeries, build_key_images
-from pipelines.dicom_out.presentation import GRAYSCALE_SOFTCOPY_PRESENTATION_STATE_STORAGE, build_presentation_states
-from pipelines.dicom_out.uids import derive_uid
-from pipelines.volume.ct import CTVolume, load_series
 
 #: The GSPS series of tests/unit/test_presentation.py.
 GSPS_SERIES_UID = derive_uid(*PREFIX, "PR", "series")

@@ -12,10 +12,10 @@ import json
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
-from typing import Iterator
 
 import pydicom
 import pytest
@@ -23,15 +23,15 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
-from support.dcmtk import PEER_ENV, dcmtk
-from support.orthanc import Orthanc
-from support.processes import free_port, stop_process, wait_for
 from node.config import ConfigError, Destination, NodeConfig
+from node.http.server import HttpServer, create_app
 from node.receive.intake import Intake
 from node.send.sender import Sender, describe_status, encode_file, is_permanent, is_stored, stow_outcomes
 from node.store.spool import Spool
 from node.store.state import DEAD, PENDING, SENT, StateStore
-from node.http.server import HttpServer, create_app
+from support.dcmtk import PEER_ENV, dcmtk
+from support.orthanc import Orthanc
+from support.processes import free_port, stop_process, wait_for
 
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 SR = "1.2.840.10008.5.1.4.1.1.88.34"

@@ -10,9 +10,9 @@ import json
 import subprocess
 import time
 import urllib.request
+from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
-from typing import Iterator
 
 import pydicom
 import pytest
@@ -20,14 +20,14 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from support.data import DATA, abdomen_files
-from support.processes import free_port
 from node.config import NodeConfig
+from node.http.server import HttpServer, HttpServerError, create_app
 from node.receive.intake import Intake
+from node.receive.stow import STUDY_MISMATCH
 from node.store.spool import Spool
 from node.store.state import QUEUED, StateStore
-from node.http.server import HttpServer, HttpServerError, create_app
-from node.receive.stow import STUDY_MISMATCH
+from support.data import DATA, abdomen_files
+from support.processes import free_port
 
 CURL = "/usr/bin/curl"
 BOUNDARY = "stow-test-boundary-7d1c"

@@ -18,9 +18,9 @@ One node serves the whole module; each transfer syntax gets its own series.
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import pydicom
@@ -28,15 +28,15 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.pixels import get_encoder
 from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
     UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
-    HTJ2K,
     HTJ2KLossless,
     HTJ2KLosslessRPCL,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -48,9 +48,9 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from support.crashkit import series_states
 from support.data import DATA, abdomen_files
 from support.dcmtk import PEER_ENV, dcmtk
-from support.crashkit import series_states
 from support.node import NodeProcess
 from support.processes import free_port, wait_for
 

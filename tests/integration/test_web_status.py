@@ -14,9 +14,9 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import requests
@@ -26,13 +26,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from support.processes import free_port
 from node.config import Destination, NodeConfig
-from node.store.header import InstanceHeader
-from node.store.state import DEAD, DONE, FAILED, PENDING, REJECTED, SENT, StateStore
 from node.http.server import BasicAuth, HttpServer
 from node.http.status import describe_bundle, status_routes
 from node.send.probe import PeerResult, peer_text
+from node.store.header import InstanceHeader
+from node.store.state import DEAD, DONE, FAILED, PENDING, REJECTED, SENT, StateStore
+from support.processes import free_port
 
 REPO = Path(__file__).resolve().parent.parent.parent
 OUTPUT = Path(__file__).resolve().parent.parent / "output"

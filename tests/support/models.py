@@ -217,8 +217,8 @@ def lesion_manifest(**overrides: Any) -> dict[str, Any]:
         lesions={
             "stage": "lesion", "channel": "lesion", "typing_stage": "typing",
             "types": {"solid": SOLID, "cystic": CYSTIC}, "malignant_types": ["solid"],
-            "sites": [{"site": "liver", "organ_segment": "Organ", "finding": code("93870000", "Malignant tumour of liver"),
-                       "threshold": 0.5}],
+            "sites": [{"site": "liver", "organ_segment": "Organ",
+                       "finding": code("93870000", "Malignant tumour of liver"), "threshold": 0.5}],
         },
     )
     data.update(overrides)
@@ -345,7 +345,8 @@ class FakeVolume:
         self.row_direction = np.array([1.0, 0.0, 0.0])
 
 
-def ramp(shape: tuple[int, int, int], spacing: tuple[float, float, float], slope: tuple[float, float, float]) -> np.ndarray:
+def ramp(shape: tuple[int, int, int], spacing: tuple[float, float, float],
+         slope: tuple[float, float, float]) -> np.ndarray:
     """sum_a slope[a] * (mm position of the voxel centre along axis a)."""
     grids = np.meshgrid(*[(np.arange(n) + 0.5) * s for n, s in zip(shape, spacing)], indexing="ij")
     return np.asarray(sum(k * g for k, g in zip(slope, grids)))

@@ -33,9 +33,9 @@ import socket
 import subprocess
 import sys
 import tomllib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -422,8 +422,8 @@ def replayed(tmp_path_factory: pytest.TempPathFactory) -> Replayed:
 
 
 def test_replayed_build_installs_a_wheel_not_the_checkout(replayed: Replayed) -> None:
-    probe = subprocess.run([str(replayed.venv / "bin" / "python"), "-c",
-                            "import node, pipelines.rules.ruleset as r; print(node.__file__); print(r.DEFAULT_RULES_PATH)"],
+    script = "import node, pipelines.rules.ruleset as r; print(node.__file__); print(r.DEFAULT_RULES_PATH)"
+    probe = subprocess.run([str(replayed.venv / "bin" / "python"), "-c", script],
                            capture_output=True, text=True, env=replayed.env, cwd=replayed.root, timeout=60)
     assert probe.returncode == 0, probe.stderr
     module, rules = map(Path, probe.stdout.split())

@@ -25,8 +25,7 @@ from pathlib import Path
 
 from support.node import StartNode
 from support.orthanc import Orthanc
-from support.outage import deliver_after_pacs_returns, outbox, outage_scenario, process_while_pacs_down, series_states
-
+from support.outage import deliver_after_pacs_returns, outage_scenario, outbox, process_while_pacs_down, series_states
 
 # -- the tests -----------------------------------------------------------------------------------
 

@@ -3,8 +3,8 @@
 The node's own ``process`` command runs the reference cascade on a phantom
 chest CT with planted lesions; the CT and every result object (SEG, SR, key
 images) go into Orthanc by STOW-RS, the way a DICOMweb destination delivers
-them (the GSPS of the ``key_image_type = "GSPS"`` option too). OHIF (npm ``@ohif/app``, its prebuilt ``dist/``, see tests/ohif_viewer.py)
-then opens the study the way a radiologist does:
+them (the GSPS of the ``key_image_type = "GSPS"`` option too). OHIF (npm ``@ohif/app``, its prebuilt
+``dist/``, see tests/support/ohif_viewer.py) then opens the study the way a radiologist does:
 
 - the SEG, double-clicked in the study panel, is drawn over the CT (the
   viewport changes when the overlay is hidden) and its panel lists every
@@ -23,17 +23,17 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pydicom
 import pytest
 
-from support.data import REPO
-from support.orthanc import Orthanc, running_orthanc
-from support.ohif_viewer import OHIF_DIST, OhifServer, chromium_driver, copy_screenshot, have_viewer, wait_until
 from pipelines.offline import phantom
+from support.data import REPO
+from support.ohif_viewer import OHIF_DIST, OhifServer, chromium_driver, copy_screenshot, have_viewer, wait_until
+from support.orthanc import Orthanc, running_orthanc
 
 OUTPUT = Path(__file__).resolve().parent.parent / "output"
 BUNDLE = "reference-cascade"

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from support.data import REPO
 from node.config import (
     DEFAULT_AE_TITLE,
     DEFAULT_MAX_AGE_S,
@@ -19,6 +18,7 @@ from node.config import (
     result_type,
     validate_ae_title,
 )
+from support.data import REPO
 
 FULL = """
 [node]

@@ -6,8 +6,8 @@ import re
 import tomllib
 from dataclasses import fields
 
-from support.data import REPO
 from node.config import NodeConfig, load_config
+from support.data import REPO
 
 EXAMPLE = REPO / "deploy" / "node.example.toml"
 

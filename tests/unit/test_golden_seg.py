@@ -29,7 +29,7 @@ from pipelines.dicom_out.uids import derive_uid, result_uids
 from pipelines.volume.ct import CTVolume, load_series
 from support.data import abdomen_files
 from support.findings import algorithm_identity, segment_finding
-from support.validators import dcmqi_seg_masks, dciodvfy
+from support.validators import dciodvfy, dcmqi_seg_masks
 
 nibabel = pytest.importorskip("nibabel")
 

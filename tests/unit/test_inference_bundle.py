@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -333,7 +334,8 @@ def test_gpu_sessions_run_through_io_binding(lesion_bundle: ModelBundle) -> None
 
 
 def test_stages_sharing_an_artifact_must_name_the_same_input_and_output(tmp_path: Path) -> None:
-    data = manifest("shared", ["m"], [stage("a", "m", (2.0, 1.0, 1.0), ["fg"]), stage("b", "m", (2.0, 2.0, 2.0), ["fg"])],
+    data = manifest("shared", ["m"],
+                    [stage("a", "m", (2.0, 1.0, 1.0), ["fg"]), stage("b", "m", (2.0, 2.0, 2.0), ["fg"])],
                     [segment(1, "A", "a", ["fg"])])
     data["stages"][1]["output"]["name"] = "z"
     folder = write_bundle(tmp_path / "b", {"m": threshold_model([1.0], [0.0])}, data)

@@ -14,9 +14,9 @@ from scipy import ndimage
 
 from pipelines.analysis import SeriesAnalyzer
 from pipelines.clinical.results import BundleMeasurements
-from pipelines.timing import StageTiming
 from pipelines.model.bundle import ModelBundle
 from pipelines.model.inference import CascadeRunner, VolumeGrids
+from pipelines.timing import StageTiming
 from pipelines.volume.ct import build_volume
 from support.data import REPO
 from support.models import (
@@ -148,7 +148,8 @@ def test_stage_is_skipped_when_its_region_is_empty(crop_bundle: ModelBundle) -> 
 def test_timings_name_each_stage(crop_bundle: ModelBundle) -> None:
     timings: list[StageTiming] = []
     CascadeRunner(crop_bundle).run(VolumeGrids(build_volume(series(_crop_phantom(), CROP_SPACING))), timings=timings)
-    assert {t.label for t in timings} == {"model crop/coarse", "model crop/fine", "model crop/organed", "model crop/nested"}
+    assert {t.label for t in timings} == {"model crop/coarse", "model crop/fine", "model crop/organed",
+                                          "model crop/nested"}
     assert all(t.model and t.bundle == "crop" and t.seconds >= 0 for t in timings)
 
 

@@ -246,7 +246,8 @@ def test_masks_are_the_same_in_patient_space_whatever_the_orientation(
 
 
 @pytest.mark.parametrize(
-    "orientation", [(-1.0, 0.0, 0.0, 0.0, 1.0, 0.0), (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0)], ids=["x-z-flipped", "x-y-flipped"])
+    "orientation", [(-1.0, 0.0, 0.0, 0.0, 1.0, 0.0), (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0)],
+    ids=["x-z-flipped", "x-y-flipped"])
 def test_lesions_and_their_types_do_not_depend_on_the_orientation(
     lesion_bundle: ModelBundle, orientation: tuple[float, ...]
 ) -> None:

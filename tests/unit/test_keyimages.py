@@ -16,8 +16,6 @@ import pydicom
 import pytest
 from scipy import ndimage
 
-from support.data import OUTPUT, abdomen_files
-from pipelines.errors import ResultEncodingError
 from pipelines.clinical.findings import CodeSpec, LesionFacts, SegmentFinding
 from pipelines.dicom_out.keyimages import (
     BAND_RGB,
@@ -34,9 +32,13 @@ from pipelines.dicom_out.keyimages import (
     save_png,
 )
 from pipelines.dicom_out.uids import derive_uid
+from pipelines.errors import ResultEncodingError
 from pipelines.volume.ct import CTVolume, load_series
+from support.data import OUTPUT, abdomen_files
 from support.findings import (
     KEY_IMAGE_ALGORITHM as ALGORITHM,
+)
+from support.findings import (
     LIVER_CENTRE,
     LUNG_CENTRE,
     NOTICE,
@@ -49,6 +51,7 @@ from support.findings import (
     sphere,
 )
 from support.validators import dciodvfy
+
 
 @pytest.fixture(scope="module")
 def volume() -> CTVolume:
@@ -106,14 +109,14 @@ def test_one_key_image_per_lesion_and_none_for_organs(written: list, findings: l
 
 
 def test_key_images_pass_dciodvfy(written: list) -> None:
-    for ds, path in written:
+    for _ds, path in written:
         errors, warnings = dciodvfy(path)
         assert errors == [], errors
         assert warnings == [], warnings
 
 
 def test_secondary_capture_attributes(written: list) -> None:
-    for ds, path in written:
+    for ds, _path in written:
         assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
         assert ds.SOPClassUID == SECONDARY_CAPTURE_IMAGE_STORAGE
         assert ds.Modality == "OT" and ds.ConversionType == "WSD"

@@ -9,9 +9,10 @@ import hashlib
 import importlib.util
 import json
 import shutil
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import onnx
@@ -19,14 +20,14 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from support.data import REPO, abdomen_files
 from pipelines.analysis import SeriesAnalyzer, check_eligibility
-from pipelines.model.eligibility import floor_rules
-from pipelines.rules.ruleset import RuleSet
 from pipelines.errors import ModelError, SeriesRejected
-from pipelines.model.manifest import MANIFEST_NAME, parse_manifest
 from pipelines.model.bundle import ModelBundle, discover_bundles, sha256_file
+from pipelines.model.eligibility import floor_rules
+from pipelines.model.manifest import MANIFEST_NAME, parse_manifest
+from pipelines.rules.ruleset import RuleSet
 from pipelines.volume.ct import CTVolume, build_volume, load_series
+from support.data import REPO, abdomen_files
 
 MODELS = REPO / "onnx_models"
 BUNDLE = MODELS / "body-lungs"

@@ -14,8 +14,9 @@ import hashlib
 import json
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -60,7 +61,7 @@ LABELS = {"background": 0, "liver": 1, "pancreas": 2}
 
 
 def make_plans(spacing: list[float] = SPACING, patch: list[int] = PATCH,
-               transpose_forward: list[int] = [0, 1, 2]) -> dict[str, Any]:
+               transpose_forward: tuple[int, ...] = (0, 1, 2)) -> dict[str, Any]:
     """plans.json as nnU-Net v2 (>= 2.4) writes it, with a tiny 3d_fullres network."""
     resampling = {
         "resampling_fn_data": "resample_data_or_seg_to_shape",
@@ -492,11 +493,11 @@ def test_missing_training_extra_says_how_to_install(model: tuple[Path, Any], tmp
 def test_cli_import_then_verify_and_run_in_the_node(model: tuple[Path, Any], tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     """`pacs-ai-node models import-nnunet` writes a bundle the node verifies and runs on a real CT series."""
-    from support.data import abdomen_files
     from node.cli.main import main
     from pipelines.analysis import SeriesAnalyzer
     from pipelines.model.bundle import ModelBundle
     from pipelines.volume.ct import load_series
+    from support.data import abdomen_files
 
     folder, _ = model
     models_dir = tmp_path / "models"

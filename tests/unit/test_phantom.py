@@ -13,7 +13,7 @@ import json
 import subprocess
 import sys
 import time
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ import pydicom
 import pytest
 from scipy import ndimage
 
-from support.data import REPO
+from pipelines.dicom_out.uids import derive_uid
 from pipelines.offline.phantom import (
     BONE_DENSITY_CLASSES,
     HU_RANGES,
@@ -44,14 +44,14 @@ from pipelines.offline.phantom import (
     write_dicom_series,
 )
 from pipelines.rules.ruleset import RuleSet, screen_series
-from pipelines.dicom_out.uids import derive_uid
 from pipelines.volume.ct import load_series
+from support.data import REPO
 from support.validators import dciodvfy
 
 QUIET = {"lesion_probability": 0.0, "lung_nodules": 0}
 
 
-@lru_cache(maxsize=None)
+@cache
 def clean_case(seed: int = 11, **options: object) -> tuple[Phantom, RenderedPhantom]:
     """A noise-free chest-abdomen phantom without lesions, rendered on the 3 mm grid."""
     phantom = sample_phantom(seed, noise_sigma=0, coverage="chest-abdomen", **QUIET, **options)

@@ -22,13 +22,10 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom.multival import MultiValue
 from scipy import ndimage
 
-from support.data import OUTPUT, REPO, abdomen_files
 from node.config import RESULT_TYPES, ConfigError, Destination, NodeConfig, load_config, result_type
 from pipelines.analysis import ResultLabelling, SeriesAnalyzer
-from pipelines.errors import ResultEncodingError
 from pipelines.clinical.findings import CodeSpec, LesionFacts, SegmentFinding
 from pipelines.dicom_out.keyimages import KeyImageSeries, apply_window, key_slice, label_lines
-from pipelines.model.bundle import ModelBundle
 from pipelines.dicom_out.presentation import (
     CONTENT_LABEL,
     GRAYSCALE_SOFTCOPY_PRESENTATION_STATE_STORAGE,
@@ -38,9 +35,14 @@ from pipelines.dicom_out.presentation import (
     outline_polylines,
 )
 from pipelines.dicom_out.uids import derive_uid
+from pipelines.errors import ResultEncodingError
+from pipelines.model.bundle import ModelBundle
 from pipelines.volume.ct import CTVolume, load_series
+from support.data import OUTPUT, REPO, abdomen_files
 from support.findings import (
     KEY_IMAGE_ALGORITHM as ALGORITHM,
+)
+from support.findings import (
     LIVER_CENTRE,
     LUNG_CENTRE,
     NOTICE,
@@ -93,7 +95,7 @@ def written(volume: CTVolume, findings: list[SegmentFinding], tmp_path_factory: 
     gsps.save_as(path, enforce_file_format=True)
     ds = pydicom.dcmread(path)
     OUTPUT.mkdir(exist_ok=True)
-    for (uid, frame), name in zip(_referenced(ds), ("liver", "lung")):
+    for (uid, _frame), name in zip(_referenced(ds), ("liver", "lung")):
         render(ds, _source(volume, uid)).save(OUTPUT / f"gsps-{name}.png")
     return ds, path
 

@@ -11,10 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.data import REPO
 
 import node
 from node.cli.main import build_parser, command_line_log_level, main
+from support.data import REPO
 
 
 def _commands(parser: argparse.ArgumentParser,

@@ -19,9 +19,7 @@ import pydicom
 import pytest
 from pydicom.sr.codedict import codes
 
-from support.data import REPO, abdomen_files
 from pipelines.analysis import SeriesAnalyzer
-from pipelines.errors import ResultEncodingError
 from pipelines.clinical.findings import CodeSpec, LesionFacts, SegmentFinding
 from pipelines.clinical.results import (
     BoneDensityResult,
@@ -29,13 +27,6 @@ from pipelines.clinical.results import (
     LungNodule,
     SiteResult,
     SteatosisResult,
-)
-from pipelines.model.bundle import ModelBundle
-from pipelines.dicom_out.report import (
-    PRIVATE_SCHEME,
-    build_measurement_report,
-    segment_point,
-    voxel_to_patient,
 )
 from pipelines.clinical.risk import (
     RISK_TIERS,
@@ -47,9 +38,18 @@ from pipelines.clinical.risk import (
     steatosis_line,
     summary_lines,
 )
+from pipelines.dicom_out.report import (
+    PRIVATE_SCHEME,
+    build_measurement_report,
+    segment_point,
+    voxel_to_patient,
+)
 from pipelines.dicom_out.segmentation import build_segmentation
 from pipelines.dicom_out.uids import derive_uid, result_uids
+from pipelines.errors import ResultEncodingError
+from pipelines.model.bundle import ModelBundle
 from pipelines.volume.ct import CTVolume, SourceFrame, load_series
+from support.data import REPO, abdomen_files
 from support.findings import algorithm_identity, segment_finding
 from support.validators import dciodvfy, tid1500_json
 

@@ -17,14 +17,14 @@ import pytest
 from pydicom.uid import UID
 from scipy import ndimage
 
-from pipelines.errors import ResultEncodingError
 from pipelines.clinical.findings import CodeSpec, SegmentFinding
 from pipelines.dicom_out.report import build_measurement_report
 from pipelines.dicom_out.segmentation import build_segmentation, fit_long_string
 from pipelines.dicom_out.uids import derive_uid, result_uids
+from pipelines.errors import ResultEncodingError
 from pipelines.volume.ct import CTVolume, load_series
 from support.findings import algorithm_identity, segment_finding
-from support.validators import dcmqi_seg_masks, dciodvfy, tid1500_json
+from support.validators import dciodvfy, dcmqi_seg_masks, tid1500_json
 
 DATA = Path(__file__).parent.parent / "data"
 NOTICE = "For research use only. Not for use in diagnostic procedures."

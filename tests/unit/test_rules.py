@@ -13,9 +13,9 @@ import io
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pydicom
@@ -24,9 +24,9 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import generate_uid
 
-from support.data import DATA, REPO, abdomen_files
 from pipelines.errors import PacsAiError
-from pipelines.rules.ruleset import DEFAULT_RULES_PATH, Decision, RuleSet, RulesError, screen_series, series_values
+from pipelines.rules.ruleset import DEFAULT_RULES_PATH, Decision, RulesError, RuleSet, screen_series, series_values
+from support.data import DATA, REPO, abdomen_files
 
 ENHANCED = DATA / "single-slices" / "eCT_Supplemental.dcm"
 SUBSET = slice(40, 60)  # 20 slices, 60 mm: enough for the default rules, quick to copy

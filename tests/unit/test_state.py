@@ -13,7 +13,6 @@ from node.store.header import InstanceHeader
 from node.store.state import (
     DEAD,
     DONE,
-    gap_free,
     FAILED,
     PENDING,
     PROCESSING,
@@ -22,6 +21,7 @@ from node.store.state import (
     REJECTED,
     SENT,
     StateStore,
+    gap_free,
 )
 from pipelines.errors import SeriesRejected
 from pipelines.volume.geometry import SPACING_TOLERANCE, check_slice_spacing

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import random
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +17,6 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from support.data import ABDOMEN, DATA, abdomen_files
 from pipelines.errors import SeriesRejected
 from pipelines.volume.ct import CTVolume, build_volume, load_series
 from pipelines.volume.geometry import (
@@ -27,12 +26,13 @@ from pipelines.volume.geometry import (
     check_slice_spacing,
     plane_of,
 )
+from support.data import ABDOMEN, DATA, abdomen_files
 
 SINGLE = DATA / "single-slices"
 CHEST = DATA / "chest-3slice"
 
 
-@lru_cache(maxsize=None)
+@cache
 def _abdomen_originals() -> tuple[Dataset, ...]:
     datasets = tuple(pydicom.dcmread(str(p)) for p in abdomen_files())
     for ds in datasets:

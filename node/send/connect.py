@@ -11,9 +11,11 @@ import logging
 import re
 import socket
 import ssl
+import time
 from typing import TYPE_CHECKING
 
 from pynetdicom import evt
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 
 from node.config import Destination
 
@@ -95,10 +97,51 @@ def connect_error(host: str, port: int, tls: ssl.SSLContext | None, timeout: flo
     return f"cannot connect to {where} (a second attempt could)"
 
 
+class AssociationWatch:
+    """What pynetdicom does not return when an association fails: whether the TCP connection was
+    made, and the reason of an A-ASSOCIATE-RJ. Pass :meth:`handlers` to ``AE.associate`` (with
+    TCP_NODELAY set on the new socket); after a failure :meth:`failure` says why in one sentence."""
+
+    def __init__(self) -> None:
+        self.connected = False
+        self.rejection = ""
+        self.started = time.monotonic()
+
+    def handlers(self) -> list[evt.EventHandlerType]:
+        """Event handlers for ``AE.associate(evt_handlers=...)``; also restarts the clock."""
+        self.started = time.monotonic()
+        return [(evt.EVT_CONN_OPEN, self._on_open), (evt.EVT_ACSE_RECV, self._on_acse)]
+
+    def _on_open(self, event: evt.Event) -> None:
+        self.connected = True
+        set_tcp_nodelay(event)
+
+    def _on_acse(self, event: evt.Event) -> None:
+        primitive = getattr(event, "primitive", None)
+        if isinstance(primitive, A_ASSOCIATE) and primitive.result in (0x01, 0x02):  # A-ASSOCIATE-RJ, PS3.8 9.3.4
+            lasting = "permanent" if primitive.result == 0x01 else "transient"
+            self.rejection = f"by the {primitive.source_str.lower()} ({lasting}): {primitive.reason_str}"
+
+    def failure(self, host: str, port: int, tls: ssl.SSLContext | None, connect_timeout: float,
+                answer_timeout: float) -> tuple[str, str]:
+        """(outcome, error) of an association that was not established: ``"rejected"`` with the
+        peer's reason, ``"no association"`` (no connection, or no answer within ``answer_timeout``),
+        or ``"aborted"`` (the peer closed the connection before accepting)."""
+        elapsed = time.monotonic() - self.started
+        if self.rejection:
+            return "rejected", f"association rejected {self.rejection}"
+        if not self.connected:
+            return "no association", connect_error(host, port, tls, connect_timeout, elapsed)
+        if elapsed >= 0.9 * answer_timeout:
+            return "no association", f"no answer to the association request within {answer_timeout:g} s"
+        return "aborted", ("the peer closed the connection before accepting the association"
+                           + (" (TLS: does it accept the client certificate?)" if tls is not None else ""))
+
+
 def without_source_line(text: str) -> str:
     """An OpenSSL message without its ``(_ssl.c:1006)`` suffix."""
     return re.sub(r"\s*\(_ssl\.c:\d+\)?", "", text).strip()
 
 
-__all__ = ["client_ssl_context", "connect_error", "dicomweb_session", "host_port", "set_tcp_nodelay",
-           "without_source_line"]
+__all__ = ["AssociationWatch", "client_ssl_context", "connect_error", "dicomweb_session", "host_port",
+           "set_tcp_nodelay", "without_source_line"]

@@ -18,11 +18,10 @@ from dataclasses import dataclass
 
 from node.config import DICOMWEB, ConfigError, Destination, NodeConfig
 from node.send.connect import (
+    AssociationWatch,
     client_ssl_context,
-    connect_error,
     dicomweb_session,
     host_port,
-    set_tcp_nodelay,
     without_source_line,
 )
 
@@ -56,8 +55,7 @@ def echo_destination(destination: Destination, config: NodeConfig, timeout: floa
     ``timeout`` bounds the association request, the C-ECHO and the network; ``connect_timeout``
     (default ``timeout``) the TCP connection.
     """
-    from pynetdicom import AE, evt
-    from pynetdicom.pdu_primitives import A_ASSOCIATE
+    from pynetdicom import AE
 
     connect_timeout = timeout if connect_timeout is None else connect_timeout
     try:
@@ -71,41 +69,19 @@ def echo_destination(destination: Destination, config: NodeConfig, timeout: floa
     ae.network_timeout = timeout
     ae.maximum_pdu_size = config.max_pdu_size
     ae.add_requested_context(VERIFICATION)
-    seen: dict[str, str] = {}
-
-    def on_open(event: evt.Event) -> None:
-        seen["connected"] = "yes"
-        set_tcp_nodelay(event)
-
-    def on_acse(event: evt.Event) -> None:
-        primitive = getattr(event, "primitive", None)
-        if isinstance(primitive, A_ASSOCIATE) and primitive.result in (0x01, 0x02):  # A-ASSOCIATE-RJ, PS3.8 9.3.4
-            lasting = "permanent" if primitive.result == 0x01 else "transient"
-            seen["rejected"] = f"by the {primitive.source_str.lower()} ({lasting}): {primitive.reason_str}"
-
+    watch = AssociationWatch()
     start = time.perf_counter()
     try:
         assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
-                             evt_handlers=[(evt.EVT_CONN_OPEN, on_open), (evt.EVT_ACSE_RECV, on_acse)],
+                             evt_handlers=watch.handlers(),
                              tls_args=(tls, destination.host) if tls is not None else None)
     except socket.gaierror as exc:  # raised before any connection attempt
         return PeerResult(destination, False, "no association", error=f"cannot resolve {destination.host}: {exc}",
                           setup_ms=(time.perf_counter() - start) * 1000)
-    elapsed = time.perf_counter() - start
-    setup_ms = elapsed * 1000
+    setup_ms = (time.perf_counter() - start) * 1000
     if not assoc.is_established:
-        if "rejected" in seen:
-            return PeerResult(destination, False, "rejected", error=f"association rejected {seen['rejected']}",
-                              setup_ms=setup_ms)
-        if "connected" not in seen:
-            return PeerResult(destination, False, "no association", setup_ms=setup_ms,
-                              error=connect_error(destination.host, destination.port, tls, connect_timeout, elapsed))
-        if elapsed >= 0.9 * timeout:
-            return PeerResult(destination, False, "no association", setup_ms=setup_ms,
-                              error=f"no answer to the association request within {timeout:g} s")
-        return PeerResult(destination, False, "aborted", setup_ms=setup_ms,
-                          error="the peer closed the connection before accepting the association"
-                          + (" (TLS: does it accept the client certificate?)" if tls else ""))
+        outcome, error = watch.failure(destination.host, destination.port, tls, connect_timeout, timeout)
+        return PeerResult(destination, False, outcome, error=error, setup_ms=setup_ms)
     try:
         if not assoc.accepted_contexts:
             return PeerResult(destination, False, "no Verification", setup_ms=setup_ms,

@@ -38,11 +38,10 @@ from typing import TYPE_CHECKING, Any
 
 import pydicom
 from pydicom.uid import UID, ImplicitVRLittleEndian
-from pynetdicom import AE, evt
-from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom import AE
 
 from node.config import DEFAULT_MAX_AGE_S, DICOMWEB, ConfigError, Destination, NodeConfig
-from node.send.connect import client_ssl_context, connect_error, dicomweb_session, set_tcp_nodelay
+from node.send.connect import AssociationWatch, client_ssl_context, dicomweb_session
 from node.store.state import OutboxRow, StateStore
 
 if TYPE_CHECKING:
@@ -373,40 +372,20 @@ class Sender:
         for sop_class in sorted({item.sop_class_uid for item in items}):
             for syntax in proposed_transfer_syntaxes(destination):
                 ae.add_requested_context(sop_class, [syntax])
-        seen: dict[str, str] = {}
-
-        def on_open(event: evt.Event) -> None:
-            seen["connected"] = "yes"
-            set_tcp_nodelay(event)
-
-        def on_acse(event: evt.Event) -> None:
-            primitive = getattr(event, "primitive", None)
-            if isinstance(primitive, A_ASSOCIATE) and primitive.result in (0x01, 0x02):
-                seen["rejected"] = (f"association rejected ({primitive.result_str}, {primitive.source_str}): "
-                                    f"{primitive.reason_str}")
-
         name = str(destination)
         tls = self._ssl.get(name)
-        started = time.monotonic()
+        watch = AssociationWatch()
         assoc = ae.associate(
             destination.host,
             destination.port,
             ae_title=destination.ae_title,
-            evt_handlers=[(evt.EVT_CONN_OPEN, on_open), (evt.EVT_ACSE_RECV, on_acse)],
+            evt_handlers=watch.handlers(),
             tls_args=(tls, destination.host) if tls is not None else None,
         )
         rejected_contexts = {str(cx.abstract_syntax): str(cx.status) for cx in assoc.rejected_contexts}
         if not assoc.is_established and not (rejected_contexts and not assoc.accepted_contexts):
-            if "rejected" in seen:
-                error = seen["rejected"]
-            elif "connected" not in seen:
-                error = connect_error(destination.host, destination.port, tls,
-                                      self.config.send_connect_timeout_s, time.monotonic() - started)
-            elif time.monotonic() - started >= 0.9 * self.config.send_dimse_timeout_s:
-                error = f"no answer to the association request within {self.config.send_dimse_timeout_s:g} s"
-            else:
-                error = ("the peer closed the connection or aborted before accepting the association"
-                         + (" (TLS: does it accept the client certificate?)" if tls is not None else ""))
+            _, error = watch.failure(destination.host, destination.port, tls, self.config.send_connect_timeout_s,
+                                     self.config.send_dimse_timeout_s)
             self._fail_all(name, destination, Failure(None, error), now)
             return 0, False
         delivered = 0

@@ -18,7 +18,6 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
@@ -26,51 +25,18 @@ import pytest
 
 from support.data import REPO, abdomen_files
 from support.dcmtk import storescu
-from support.orthanc import DICOMWEB_PLUGIN, Orthanc, running_orthanc
+from support.orthanc import (
+    NODE_ALIAS,
+    ROUTING_SCRIPT,
+    Orthanc,
+    RoutingOrthanc,
+    example_config,
+    running_orthanc,
+)
 from support.processes import wait_for
 from support.series import copy_series
 
-DEPLOY = REPO / "deploy" / "orthanc"
-ROUTING_SCRIPT = DEPLOY / "route-ct-to-ainode.lua"
-EXAMPLE_CONFIG = DEPLOY / "orthanc-example.json"
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage
-NODE_ALIAS = "ainode"  # NODE_MODALITY in the shipped script
-
-
-def example_config() -> dict:
-    """The shipped example as Orthanc reads it (JsonCpp accepts comments; json does not)."""
-    text = re.sub(r"/\*.*?\*/", "", EXAMPLE_CONFIG.read_text(), flags=re.S)
-    text = re.sub(r"^\s*//.*$", "", text, flags=re.M)
-    return json.loads(text)
-
-
-@dataclass
-class RoutingOrthanc(Orthanc):
-    """The PACS with the example config and the shipped routing rule."""
-
-    modality_aet: str = "MODALITY"
-
-    def config(self) -> dict:
-        config = example_config()
-        config.update({
-            "Name": "test-pacs-routing",
-            **self.private_config(),
-            "DicomCheckCalledAet": True,
-            # The example keeps DicomAlwaysAllowStore false: the modality and
-            # the node are both declared, as an admin would do.
-            "DicomModalities": {
-                NODE_ALIAS: ["AINODE", "127.0.0.1", self.node_port],
-                "ct-scanner": [self.modality_aet, "127.0.0.1", 104],
-            },
-            "StableAge": 2,
-            "LuaScripts": [str(ROUTING_SCRIPT)],
-            "Plugins": [str(DICOMWEB_PLUGIN)],
-            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-        })
-        return config
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
 
 
 @pytest.fixture

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO, TypeVar
 
+from node.cli.arguments import seconds_within
 from node.config import DICOMWEB, ConfigError, Destination, NodeConfig, load_config
 from node.send.connect import dicomweb_session, host_port
 from node.send.probe import PeerResult, echo_destination, peer_address, probe_peers, query_dicomweb
@@ -80,19 +81,9 @@ def add_parser(subparsers: argparse._SubParsersAction[_Parser]) -> None:
         "1 otherwise (or when no destination is configured), 2 when the config does not load.",
     )
     test.add_argument("--config", type=Path, metavar="FILE", help="TOML config file with [send] destinations")
-    test.add_argument("--timeout", type=_positive_seconds, default=DEFAULT_PEER_TIMEOUT_S, metavar="S",
+    test.add_argument("--timeout", type=seconds_within(600), default=DEFAULT_PEER_TIMEOUT_S, metavar="S",
                       help=f"seconds for each connection and each answer (default {DEFAULT_PEER_TIMEOUT_S:g})")
     test.set_defaults(func=cmd_peers_test)
-
-
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0 < value <= 600:
-        raise argparse.ArgumentTypeError(f"{text}: must be > 0 and <= 600 seconds")
-    return value
 
 
 # -- config check -------------------------------------------------------------

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
 
+from node.cli.arguments import seconds_within
 from node.config import Destination, NodeConfig, load_config
 from pipelines.errors import PacsAiError
 
@@ -77,22 +78,12 @@ def add_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     demo.add_argument("--http-url", metavar="URL",
                       help="the node's HTTP base URL, for its status pages (default: http(s)://HOST:http_port); "
                            "polled for the result when the node's state database is not on this machine")
-    demo.add_argument("--timeout", type=_seconds, default=DEFAULT_TIMEOUT_S, metavar="S",
+    demo.add_argument("--timeout", type=seconds_within(86400), default=DEFAULT_TIMEOUT_S, metavar="S",
                       help=f"seconds to wait for the result (default {DEFAULT_TIMEOUT_S:.0f})")
     demo.add_argument("--calling-ae", default=DEMO_CALLING_AE, help=f"calling AE title (default {DEMO_CALLING_AE})")
     demo.add_argument("--config", type=Path, help="the node's TOML config file (AE title, ports, data_dir)")
     demo.add_argument("--data-dir", help="the node's data dir, where its state database is (default: the config's)")
     demo.set_defaults(func=cmd_demo)
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0 < value <= 86400:
-        raise argparse.ArgumentTypeError(f"{text}: must be > 0 and <= 86400 seconds")
-    return value
 
 
 def demo_target(config: NodeConfig, to: str | None) -> Destination:

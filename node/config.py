@@ -7,6 +7,7 @@ default.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import sys
@@ -212,8 +213,14 @@ class NodeConfig:
     bind_address: str = "0.0.0.0"
     data_dir: Path = Path("var")
     allowed_calling_ae_titles: tuple[str, ...] = ()
-    max_pdu_size: int = 0
+    max_pdu_size: int = 16384
     max_associations: int = 10
+    max_connections: int = 64
+    max_connections_per_address: int = 16
+    artim_timeout_s: float = 30.0
+    max_instance_mb: int = 2048
+    #: ``[node] calling_ae_addresses``: (calling AE title, IP addresses / CIDR networks it may call from).
+    calling_ae_addresses: tuple[tuple[str, tuple[str, ...]], ...] = ()
     min_free_disk_mb: int = 500
     network_timeout_s: float = 60.0
     series_quiet_seconds: float = 10.0
@@ -222,6 +229,7 @@ class NodeConfig:
     http_port: int = 8080
     http_bind_address: str = "0.0.0.0"
     stow_max_request_mb: int = 4096
+    http_max_concurrency: int = 16
     http_username: str = ""
     http_password: str = ""
     tls_port: int = 0
@@ -264,9 +272,9 @@ class NodeConfig:
         if not 0 < self.port < 65536:
             raise ConfigError(f"port: {self.port} out of range 1-65535")
         if self.max_pdu_size != 0 and self.max_pdu_size < 4096:
-            raise ConfigError(f"max_pdu_size: {self.max_pdu_size} is too small (0 = unlimited, else >= 4096)")
+            raise ConfigError(f"max_pdu_size: {self.max_pdu_size} is too small (0 = the largest, 64 MiB; else >= 4096)")
         for name in ("series_quiet_seconds", "send_retry_initial_s", "send_retry_max_s", "send_connect_timeout_s",
-                     "send_dimse_timeout_s", "network_timeout_s"):
+                     "send_dimse_timeout_s", "network_timeout_s", "artim_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
         names = [str(d) for d in self.destinations]
@@ -288,8 +296,23 @@ class NodeConfig:
             raise ConfigError("http_username and http_password: set both (basic authentication) or neither")
         if self.stow_max_request_mb < 1:
             raise ConfigError(f"stow_max_request_mb: must be >= 1, got {self.stow_max_request_mb}")
-        if self.max_associations < 1:
-            raise ConfigError(f"max_associations: must be >= 1, got {self.max_associations}")
+        if not 1 <= self.http_max_concurrency <= 10000:
+            raise ConfigError(f"http_max_concurrency: must be 1-10000, got {self.http_max_concurrency}")
+        for name in ("max_associations", "max_connections", "max_connections_per_address", "max_instance_mb"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.max_pdu_size > 2**32 - 1:
+            raise ConfigError(f"max_pdu_size: {self.max_pdu_size} does not fit the 32-bit PDU length")
+        for aet, networks in self.calling_ae_addresses:
+            validate_ae_title(aet, "calling_ae_addresses")
+            if not networks:
+                raise ConfigError(f"calling_ae_addresses: {aet} has no address (remove the entry to allow any)")
+            for network in networks:
+                try:
+                    ipaddress.ip_network(network, strict=False)
+                except ValueError:
+                    raise ConfigError(f"calling_ae_addresses: {aet}: {network!r} is not an IP address or "
+                                      "CIDR network") from None
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"log_level: {self.log_level!r} is not DEBUG, INFO, WARNING or ERROR")
         if self.seg_type not in ("BINARY", "LABELMAP"):
@@ -384,8 +407,10 @@ class NodeConfig:
 
 _SECTIONS = {
     "node": {"ae_title", "port", "bind_address", "data_dir", "allowed_calling_ae_titles", "max_pdu_size",
-             "max_associations", "min_free_disk_mb", "network_timeout_s", "log_level"},
-    "http": {"http_port", "http_bind_address", "stow_max_request_mb", "http_username", "http_password"},
+             "max_associations", "min_free_disk_mb", "network_timeout_s", "log_level", "max_connections",
+             "max_connections_per_address", "artim_timeout_s", "max_instance_mb", "calling_ae_addresses"},
+    "http": {"http_port", "http_bind_address", "stow_max_request_mb", "http_max_concurrency", "http_username",
+             "http_password"},
     "tls": {"tls_port", "tls_cert_file", "tls_key_file", "tls_ca_file", "tls_require_client_cert", "http_tls"},
     "series": {"series_quiet_seconds", "complete_on_release", "rules_file"},
     "send": {"destinations", "send_retry_initial_s", "send_retry_max_s", "send_connect_timeout_s",
@@ -540,6 +565,12 @@ def _coerce(key: str, value: Any, base: Path) -> Any:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{key}: expected a list of AE titles")
         return tuple(v.strip() for v in value)
+    if key == "calling_ae_addresses":
+        if not isinstance(value, dict) or not all(
+            isinstance(v, list) and all(isinstance(a, str) for a in v) for v in value.values()
+        ):
+            raise ConfigError(f"{key}: expected a table of AE title = [addresses or CIDR networks], got {value!r}")
+        return tuple((str(aet).strip(), tuple(a.strip() for a in v)) for aet, v in value.items())
     if key == "destinations":
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list of tables or 'AET@HOST:PORT' strings")

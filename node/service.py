@@ -73,7 +73,8 @@ class Node:
         if config.http_port:
             credentials = (config.http_username, config.http_password) if config.http_username else None
             app = create_app(self.intake, max_request_bytes=config.stow_max_request_mb * 2**20,
-                             credentials=credentials)
+                             credentials=credentials, max_concurrency=config.http_max_concurrency,
+                             idle_timeout_s=config.network_timeout_s)
             if config.metrics_endpoint:
                 app.router.routes.append(metrics_route(self.metrics))
             if config.status_page_enabled:

@@ -6,14 +6,16 @@ authentication (:class:`BasicAuth`); the status pages (:mod:`node.http.status`)
 and the Prometheus ``/metrics`` route (:func:`metrics_route`) are added to its
 router. When the status pages are off, :func:`status_hint_routes` answers
 ``/status`` and ``/`` with a short page that says why and how to turn them on.
-:class:`HttpServer` binds the socket and runs the app.
+:class:`HttpServer` binds the socket and runs the app. :class:`ConcurrencyLimit`
+bounds the requests in flight (503 with ``Retry-After`` over it).
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
+import hmac
 import logging
-import secrets
 import socket
 import ssl
 import threading
@@ -33,6 +35,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from node.receive.intake import Intake
 from node.receive.stow import (
     DEFAULT_BASE_PATHS,
+    DEFAULT_IDLE_TIMEOUT_S,
     DEFAULT_MAX_PART_BYTES,
     DEFAULT_MAX_REQUEST_BYTES,
     stow_routes,
@@ -68,6 +71,12 @@ port is reachable from other machines). DICOMweb STOW-RS (/studies and
 """
 
 
+#: Requests in flight at most, by default (``[http] http_max_concurrency``).
+DEFAULT_MAX_CONCURRENCY = 16
+#: Seconds a client is asked to wait (``Retry-After``) when every request slot is taken.
+BUSY_RETRY_AFTER_S = 5
+
+
 class HttpServerError(PacsAiError):
     """The HTTP server could not start (port in use, address not available, ...)."""
 
@@ -79,17 +88,27 @@ def create_app(
     max_part_bytes: int = DEFAULT_MAX_PART_BYTES,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     credentials: tuple[str, str] | None = None,
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
 ) -> Starlette:
     """The node's HTTP application with the STOW-RS routes under each of ``base_paths``.
 
-    ``max_part_bytes`` bounds the memory one instance may take (a larger part
-    fails with 0xA700); ``max_request_bytes`` bounds a request body (413).
-    ``credentials`` (user, password) require HTTP basic authentication on
-    every route. Other routes (status page, metrics) can be added to ``app.router``.
+    ``max_part_bytes`` bounds one instance (a larger part fails with 0xA700;
+    parts are streamed to the spool, not held in memory); ``max_request_bytes``
+    bounds a request body (413). ``credentials`` (user, password) require HTTP
+    basic authentication on every route. ``max_concurrency`` bounds the
+    requests in flight (503 with ``Retry-After`` over it); ``idle_timeout_s``
+    the wait for the next bytes of a STOW-RS body (408 after it). Other
+    routes (status page, metrics) can be added to ``app.router``.
     """
+    if not isinstance(max_concurrency, int) or isinstance(max_concurrency, bool) or max_concurrency < 1:
+        raise ValueError(f"max_concurrency: expected a number of requests >= 1, got {max_concurrency!r}")
     service, routes = stow_routes(intake, base_paths=base_paths, max_part_bytes=max_part_bytes,
-                                  max_request_bytes=max_request_bytes)
-    middleware = [Middleware(BasicAuth, username=credentials[0], password=credentials[1])] if credentials else []
+                                  max_request_bytes=max_request_bytes, idle_timeout_s=idle_timeout_s)
+    # The first is the outermost: a request over the limit costs no authentication work.
+    middleware = [Middleware(ConcurrencyLimit, limit=max_concurrency)]
+    if credentials:
+        middleware.append(Middleware(BasicAuth, username=credentials[0], password=credentials[1]))
     app = Starlette(routes=routes, middleware=middleware)
     app.state.stow = service
     return app
@@ -124,27 +143,82 @@ def status_hint_routes() -> list[BaseRoute]:
             Route("/status/{rest:path}", hint, methods=["GET"])]
 
 
-class BasicAuth:
-    """ASGI middleware: HTTP basic authentication (RFC 7617) on every request; 401 otherwise."""
+class ConcurrencyLimit:
+    """ASGI middleware: at most ``limit`` HTTP requests in flight; over it 503 with ``Retry-After``.
 
-    def __init__(self, app: ASGIApp, username: str, password: str) -> None:
-        if not username or not password:
-            raise ValueError("basic authentication needs a user name and a password")
+    Counted in the event loop's thread (ASGI calls are never concurrent in
+    another thread), so no lock. uvicorn's own ``limit_concurrency`` answers
+    503 without ``Retry-After`` and counts connections as well as requests.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int = DEFAULT_MAX_CONCURRENCY,
+                 retry_after_s: int = BUSY_RETRY_AFTER_S) -> None:
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise ValueError(f"limit: expected a number of requests >= 1, got {limit!r}")
         self.app = app
-        self.expected = base64.b64encode(f"{username}:{password}".encode()).decode()
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+        self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() == "basic" and secrets.compare_digest(token.strip(), self.expected):
+        if self.in_flight >= self.limit:
+            client = (scope.get("client") or ("?",))[0]
+            LOG.warning("HTTP %s %s from %s refused (503): %d requests in flight, the limit "
+                        "([http] http_max_concurrency)", scope.get("method"), scope.get("path"), client, self.limit)
+            response = PlainTextResponse(f"busy: {self.limit} requests in flight; retry in {self.retry_after_s} s\n",
+                                         status_code=503, headers={"Retry-After": str(self.retry_after_s)})
+            await response(scope, receive, send)
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+
+class BasicAuth:
+    """ASGI middleware: HTTP basic authentication (RFC 7617) on every request; 401 otherwise.
+
+    The user name and password are compared as UTF-8 bytes (RFC 7617 2.1
+    ``charset="UTF-8"``) in constant time; a header that is not valid base64,
+    or has no colon, is wrong credentials (401), never an error.
+    """
+
+    def __init__(self, app: ASGIApp, username: str, password: str) -> None:
+        if not username or not password:
+            raise ValueError("basic authentication needs a user name and a password")
+        self.app = app
+        self.expected = f"{username}:{password}".encode()
+
+    @staticmethod
+    def credentials(header: bytes) -> bytes | None:
+        """The decoded ``user:password`` bytes of a Basic Authorization header, or None when malformed."""
+        scheme, _, token = header.strip().partition(b" ")
+        if scheme.lower() != b"basic":
+            return None
+        try:
+            decoded = base64.b64decode(token.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            return None
+        return decoded if b":" in decoded else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        header = dict(scope.get("headers") or []).get(b"authorization", b"")
+        given = self.credentials(header)
+        # compare_digest on bytes: constant time for equal lengths, no TypeError on non-ASCII.
+        if given is not None and hmac.compare_digest(given, self.expected):
             await self.app(scope, receive, send)
             return
         client = (scope.get("client") or ("?",))[0]
         LOG.warning("HTTP %s %s from %s refused: %s", scope.get("method"), scope.get("path"), client,
-                    "wrong credentials" if header else "no credentials")
+                    "no credentials" if not header else "malformed credentials" if given is None
+                    else "wrong credentials")
         response = PlainTextResponse("authentication required\n", status_code=401,
                                      headers={"WWW-Authenticate": 'Basic realm="pacs-ai-node"'})
         await response(scope, receive, send)
@@ -248,4 +322,5 @@ class HttpServer:
         self._thread = None
 
 
-__all__ = ["BasicAuth", "HttpServer", "HttpServerError", "create_app", "metrics_route", "status_hint_routes"]
+__all__ = ["BUSY_RETRY_AFTER_S", "DEFAULT_MAX_CONCURRENCY", "BasicAuth", "ConcurrencyLimit", "HttpServer",
+           "HttpServerError", "create_app", "metrics_route", "status_hint_routes"]

@@ -112,6 +112,24 @@ def check_pixel_data(ds: Dataset, transfer_syntax: UID, total_length: int | None
         raise ValueError(f"Pixel Data holds {actual} bytes, {expected} expected")
 
 
+def check_encapsulated(fd: int, position: int, end: int) -> None:
+    """Raise ValueError unless the encapsulated Pixel Data value at ``position`` of file ``fd`` is whole:
+    items (FFFE,E000) that fit before ``end``, then the Sequence Delimitation Item (PS3.5 A.4)."""
+    items = 0
+    while position + 8 <= end:
+        group, element, length = struct.unpack("<HHI", os.pread(fd, 8, position))
+        position += 8
+        if (group, element) == (0xFFFE, 0xE0DD):
+            if items == 0:
+                raise ValueError("encapsulated Pixel Data has no item")
+            return
+        if (group, element) != (0xFFFE, 0xE000):
+            raise ValueError(f"encapsulated Pixel Data holds tag ({group:04X},{element:04X}) instead of an item")
+        position += length
+        items += 1
+    raise ValueError("encapsulated Pixel Data is truncated (no sequence delimiter)")
+
+
 class Intake:
     """Checks, stores durably and records instances; shared by the DIMSE and STOW-RS listeners."""
 
@@ -246,6 +264,68 @@ class Intake:
         except (SpoolError, OSError) as exc:
             return self.refuse(OUT_OF_RESOURCES, f"cannot store: {exc}", source, **uids)
 
+    def accept_part10_file(
+        self,
+        temp: TempFile,
+        *,
+        source: str,
+        association: str | None = None,
+        expected_study: str | None = None,
+    ) -> IntakeResult:
+        """:meth:`accept_part10` for a PS3.10 file already streamed to ``temp`` (:meth:`new_temp`).
+
+        Only the header is read from the file (pixel data is skipped, its
+        length checked against the file's size); the file is then fsynced and
+        renamed into place, or discarded: ``temp`` is consumed either way.
+        """
+        try:
+            full = self.disk_full_reason()
+            if full:
+                return self.refuse(OUT_OF_RESOURCES, full, source)
+            try:
+                temp.file.flush()
+                size = os.fstat(temp.file.fileno()).st_size
+                temp.file.seek(0)
+                ds = pydicom.dcmread(temp.file, defer_size=4096, specific_tags=HEADER_TAGS)
+                transfer_syntax = ds.file_meta.TransferSyntaxUID
+                pixels = ds.get_item(0x7FE00010, keep_deferred=True)
+                if pixels is None:  # pydicom drops an encapsulated value that ends before its delimiter
+                    raise ValueError("no Pixel Data, or a truncated one")
+                length = getattr(pixels, "length", None)
+                if transfer_syntax.is_deflated:
+                    check_pixel_data(ds, transfer_syntax)  # positions are in the inflated stream
+                elif length is not None and length != 0xFFFFFFFF:
+                    if getattr(pixels, "value_tell", 0) + length > size:
+                        raise ValueError("Pixel Data is truncated")
+                    check_pixel_data(ds, transfer_syntax, total_length=length)
+                elif length == 0xFFFFFFFF:  # pydicom only warns when the delimiter is missing
+                    check_encapsulated(temp.file.fileno(), getattr(pixels, "value_tell", 0), size)
+                header = read_header(ds)
+            except Exception as exc:  # any failure to parse means the dataset is corrupt
+                return self.refuse(CANNOT_UNDERSTAND, f"dataset cannot be parsed: {exc}", source)
+            uids = {"sop_class_uid": header.sop_class_uid, "sop_instance_uid": header.sop_instance_uid,
+                    "series_uid": header.series_uid}
+            if expected_study is not None and header.study_uid != expected_study:
+                return self.refuse(STUDY_MISMATCH, f"Study Instance UID {header.study_uid} differs from the "
+                                                   f"request URL's {expected_study}", source, **uids)
+            if header.sop_class_uid not in ACCEPTED_SOP_CLASSES:
+                return self.refuse(SOP_CLASS_NOT_SUPPORTED, f"SOP class {UID(header.sop_class_uid).name} is not "
+                                                            "accepted", source, **uids)
+            try:
+                path = self.spool.place(temp.path, header.study_uid, header.series_uid, header.sop_instance_uid)
+                temp.path = path  # renamed: nothing left to discard
+                os.fdatasync(temp.file.fileno())
+                temp.file.close()
+                fsync_dir(path.parent)
+                return self.record_arrival(header, path, size, source, association)
+            except (SpoolError, OSError) as exc:
+                return self.refuse(OUT_OF_RESOURCES, f"cannot store: {exc}", source, **uids)
+        finally:
+            if temp.path.parent == self.spool.incoming_dir:
+                temp.discard()
+            else:
+                temp.file.close()
+
 
 @dataclass
 class TempFile:
@@ -289,6 +369,7 @@ class IncomingInstance:
         self.file: BinaryIO | None = None
         self.tmp: Path | None = None
         self.size = 0
+        self.limit = intake.config.max_instance_mb * 1024 * 1024
         self.head = bytearray()
         if sop_class_uid not in ACCEPTED_SOP_CLASSES:
             self.refusal = IntakeResult(SOP_CLASS_NOT_SUPPORTED, f"SOP class {UID(sop_class_uid).name} is not accepted",
@@ -319,6 +400,12 @@ class IncomingInstance:
     def write(self, fragment: bytes | memoryview) -> None:
         if self.file is None:
             return  # refused: the rest of the dataset is read and dropped
+        if self.size + len(fragment) > self.limit:
+            self.discard()
+            self.refusal = IntakeResult(OUT_OF_RESOURCES, f"instance larger than max_instance_mb "
+                                        f"({self.intake.config.max_instance_mb} MiB)", self.sop_class_uid,
+                                        self.sop_instance_uid)
+            return
         if len(self.head) < self.HEAD_BYTES:
             self.head += fragment[:self.HEAD_BYTES - len(self.head)]
         try:
@@ -374,6 +461,8 @@ class IncomingInstance:
                                       self.transfer_syntax.is_little_endian, defer_size=4096,
                                       specific_tags=HEADER_TAGS)
                     start = self.dataset_offset
+            if len(ds) == 0:  # pydicom gives up silently on a value that runs past the end
+                raise ValueError("no element could be read (truncated, or not a dataset)")
             header = read_header(ds)
             pixels = ds.get_item(0x7FE00010, keep_deferred=True)
             if pixels is None:
@@ -387,6 +476,11 @@ class IncomingInstance:
                 if getattr(pixels, "value_tell", 0) + length > end:
                     raise ValueError("Pixel Data is truncated")
                 check_pixel_data(ds, self.transfer_syntax, total_length=length)
+            elif length == 0xFFFFFFFF:
+                # Encapsulated: pydicom reads a missing sequence delimiter leniently, so walk the items.
+                self.file.flush()
+                check_encapsulated(self.file.fileno(), self.dataset_offset + getattr(pixels, "value_tell", 0) - start,
+                                   self.dataset_offset + self.size)
         except Exception as exc:  # any failure to parse means the dataset is corrupt
             self.discard()
             return self.intake.refuse(CANNOT_UNDERSTAND, f"dataset cannot be parsed: {exc}", self.source,

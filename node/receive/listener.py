@@ -3,7 +3,12 @@
 A lean DICOM Upper Layer acceptor (PS3.8) built for one job: receive C-STOREs
 fast. Association negotiation uses pynetdicom's PDU and primitive classes and
 its presentation-context negotiation; the data path is ours: one thread per
-association reading PDUs with blocking socket calls, P-DATA fragments written
+connection (at most ``max_connections``, ``max_connections_per_address`` from
+one address, counted before anything is read), deadlines on every read (ARTIM
+for set-up and release, a whole-PDU DIMSE deadline, an instance deadline
+relative to its size), PDU types and lengths checked before a body is read
+(:mod:`node.receive.pdu`), malformed input answered with an A-ABORT and one
+log line, P-DATA fragments written
 straight into the spool file as they arrive, and the response sent as soon as
 the instance is fsynced and recorded. pynetdicom's own association machinery
 hands every PDU across three threads and polls with sleeps, which costs more
@@ -17,6 +22,7 @@ its association, and each such instance is then refused with 0x0122.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 import ssl
@@ -25,8 +31,8 @@ import threading
 import time
 import uuid
 from io import BytesIO
+from typing import NamedTuple
 
-from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import ALL_TRANSFER_SYNTAXES
 from pynetdicom.dsutils import decode
@@ -50,17 +56,43 @@ from node.receive.intake import (
     Intake,
     TempFile,
 )
+from node.receive.pdu import (
+    ABORT,
+    ASSOCIATE_RQ,
+    HARD_PDU_LIMIT,
+    INVALID_PDU_PARAMETER,
+    KNOWN_PDU_TYPES,
+    MAX_ASSOCIATE_RQ,
+    MAX_SMALL_PDU,
+    NO_DATASET,
+    P_DATA_TF,
+    REASON_NOT_SPECIFIED,
+    RELEASE_RP,
+    RELEASE_RQ,
+    SERVICE_PROVIDER,
+    UNEXPECTED_PDU,
+    UNEXPECTED_PDU_PARAMETER,
+    UNRECOGNIZED_PDU,
+    AssociationClosed,
+    DeadlineExpired,
+    ProtocolError,
+    SocketReader,
+    response_command,
+)
 
 LOG = logging.getLogger(__name__)
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
-# PDU types (PS3.8 9.3)
-ASSOCIATE_RQ, ASSOCIATE_AC, ASSOCIATE_RJ, P_DATA_TF, RELEASE_RQ, RELEASE_RP, ABORT = 1, 2, 3, 4, 5, 6, 7
-#: Largest PDU read when the node announces "unlimited" (max_pdu_size = 0).
-HARD_PDU_LIMIT = 64 * 1024 * 1024
 # DIMSE command fields (PS3.7 E.1)
 C_STORE_RQ, C_ECHO_RQ = 0x0001, 0x0030
-NO_DATASET = 0x0101
+#: Largest command set accepted (a C-STORE-RQ is a few hundred bytes).
+MAX_COMMAND_SET = 64 * 1024
+#: Slowest average rate an instance may arrive at, in bytes/s, after ``network_timeout_s`` of grace.
+MIN_INSTANCE_RATE = 1_000_000
+#: Connections closed to make room whose threads may still be ending: beyond this many, refuse instead.
+MAX_EVICTING = 16
+#: Receive buffer of an accepted association: room for many PDUs per ``recv``.
+ESTABLISHED_BUFFER = 1 << 20
 UNRECOGNIZED_OPERATION = 0x0211
 # (result, source, diagnostic) of A-ASSOCIATE-RJ (PS3.8 9.3.4)
 RJ_CALLED_AE = (1, 1, 7)
@@ -106,82 +138,48 @@ def supported_contexts() -> list[PresentationContext]:
     return contexts
 
 
-class AssociationClosed(Exception):
-    """The peer closed the connection, aborted, or broke the protocol."""
+class Command(NamedTuple):
+    """The fields of a DIMSE request command set (PS3.7 E.1) the listener uses."""
+
+    field: int
+    message_id: int
+    sop_class_uid: str | None
+    sop_instance_uid: str | None
+    has_dataset: bool
 
 
-class SocketReader:
-    """Buffered reads from a socket: one ``recv_into`` fetches many PDUs at once.
-
-    :meth:`read` returns a memoryview into the buffer that stays valid only
-    until the next call; callers copy what they keep.
-    """
-
-    def __init__(self, sock: socket.socket, size: int = 1 << 20) -> None:
-        self.sock = sock
-        self.buf = bytearray(size)
-        self.view = memoryview(self.buf)
-        self.start = self.end = 0
-
-    def read(self, n: int) -> memoryview:
-        if self.end - self.start < n:
-            self._fill(n)
-        out = self.view[self.start:self.start + n]
-        self.start += n
-        return out
-
-    def _fill(self, n: int) -> None:
-        have = self.end - self.start
-        if n > len(self.buf):  # a PDU larger than the buffer: a bigger buffer
-            bigger = bytearray(n)
-            bigger[:have] = self.view[self.start:self.end]
-            self.buf, self.view = bigger, memoryview(bigger)
-            self.start, self.end = 0, have
-        elif self.start + n > len(self.buf):  # not enough room after the data: move it to the front
-            self.buf[:have] = self.view[self.start:self.end]
-            self.start, self.end = 0, have
-        while self.end - self.start < n:
-            k = self.sock.recv_into(self.view[self.end:], len(self.buf) - self.end)
-            if k == 0:
-                raise AssociationClosed("connection closed by the peer")
-            self.end += k
+def _parse_command(raw: bytes) -> Command:
+    """Decode a command set; ValueError when it cannot be read (a protocol event, not a bug)."""
+    try:
+        request = decode(BytesIO(raw), True, True)
+        field = int(request.get("CommandField", 0))
+        message_id = int(request.get("MessageID", 0))
+        has_dataset = int(request.get("CommandDataSetType", NO_DATASET)) != NO_DATASET
+        sop_class = str(request.AffectedSOPClassUID).rstrip("\0 ") if "AffectedSOPClassUID" in request else None
+        sop_instance = (str(request.AffectedSOPInstanceUID).rstrip("\0 ")
+                        if "AffectedSOPInstanceUID" in request else None)
+    except Exception as exc:  # pydicom raises many types on garbage: all mean "cannot be read"
+        raise ValueError(f"command set cannot be decoded: {type(exc).__name__}: {exc}") from None
+    if not 0 <= field <= 0xFFFF:
+        raise ValueError(f"command field {field} out of range")
+    return Command(field, message_id, sop_class, sop_instance, has_dataset)
 
 
-def _command_element(element: int, value: bytes) -> bytes:
-    return struct.pack("<HHI", 0x0000, element, len(value)) + value
+def _ae_text(raw: bytes) -> str:
+    """An AE title field as printable text for comparisons and log lines (never raises)."""
+    text = raw.decode("ascii", "replace").strip(" \0")
+    return "".join(c if c.isprintable() else "?" for c in text)
 
 
-def _even(raw: bytes, pad: bytes) -> bytes:
-    return raw + pad if len(raw) % 2 else raw
-
-
-def response_command(
-    field: int,
-    message_id: int,
-    status: int,
-    sop_class_uid: str | None = None,
-    sop_instance_uid: str | None = None,
-    comment: str | None = None,
-) -> bytes:
-    """A DIMSE response command set without a dataset (implicit VR little endian, PS3.7 E.1).
-
-    Encoded directly (a test checks it against pydicom's reading): it is sent
-    once per instance, and building a pydicom Dataset for it costs more than
-    the rest of the response path.
-    """
-    parts = []
-    if sop_class_uid:
-        parts.append(_command_element(0x0002, _even(sop_class_uid.encode("ascii"), b"\0")))
-    parts.append(_command_element(0x0100, struct.pack("<H", field)))
-    parts.append(_command_element(0x0120, struct.pack("<H", message_id)))
-    parts.append(_command_element(0x0800, struct.pack("<H", NO_DATASET)))
-    parts.append(_command_element(0x0900, struct.pack("<H", status)))
-    if comment:
-        parts.append(_command_element(0x0902, _even(comment[:64].encode("ascii", "replace"), b" ")))
-    if sop_instance_uid:
-        parts.append(_command_element(0x1000, _even(sop_instance_uid.encode("ascii"), b"\0")))
-    body = b"".join(parts)
-    return _command_element(0x0000, struct.pack("<I", len(body))) + body
+def address_allowed(address: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
+    """Whether a peer address lies in one of ``networks`` (an IPv4-mapped IPv6 address counts as IPv4)."""
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in networks)
 
 
 class Association(threading.Thread):
@@ -193,6 +191,7 @@ class Association(threading.Thread):
         self.config = server.config
         self.sock = sock
         self.address = address
+        self.accepted_at = time.monotonic()
         self.id = uuid.uuid4().hex  # the state store's ``association`` column
         #: The short id log lines carry (``association_id``): the first characters of :attr:`id`.
         self.log_id = self.id[:8]
@@ -201,13 +200,18 @@ class Association(threading.Thread):
         #: Counted against ``max_associations`` (set by :meth:`DicomServer.admit`).
         self.admitted = False
         self.peer_max_pdu = 0
+        #: The largest P-DATA-TF PDU accepted: what the A-ASSOCIATE-AC announces (PS3.8 D.1).
+        self.max_pdu = self.config.max_pdu_size or HARD_PDU_LIMIT
         self.contexts: dict[int, tuple[str, str]] = {}  # context id -> (abstract syntax, transfer syntax)
         self.stored = self.refused = 0
+        self.reader = SocketReader(sock)
         self._incoming: IncomingInstance | None = None
         self._spare: TempFile | None = None  # the next instance's spool file, made while waiting for it
         self._command = bytearray()
-        self._request: Dataset | None = None
+        self._request: Command | None = None
         self._dataset_context = 0
+        self._instance_started = 0.0
+        self._instance_bytes = 0
 
     @property
     def log_extra(self) -> dict[str, str]:
@@ -217,21 +221,45 @@ class Association(threading.Thread):
     # -- socket ---------------------------------------------------------------
 
     def _read_pdu(self) -> tuple[int, memoryview]:
-        """The next PDU's type and body (header included for A-ASSOCIATE-RQ), valid until the next read."""
+        """The next PDU's type and body (header included for A-ASSOCIATE-RQ), valid until the next read.
+
+        The type and length are checked before any of the body is read (PS3.8 9.3.1, 9.3.8).
+        """
         head = self.reader.read(6)
         pdu_type, length = head[0], struct.unpack_from(">I", head, 2)[0]
-        limit = self.config.max_pdu_size + 6 if self.config.max_pdu_size and self.established else HARD_PDU_LIMIT
-        if length > limit:
-            self._abort(2, 6)  # invalid PDU parameter value
-            raise AssociationClosed(f"PDU of {length} bytes exceeds the limit of {limit}")
-        if pdu_type == ASSOCIATE_RQ:
+        if pdu_type not in KNOWN_PDU_TYPES:
+            raise ProtocolError(f"unrecognized PDU type 0x{pdu_type:02X}", UNRECOGNIZED_PDU)
+        if pdu_type == ABORT and length <= MAX_SMALL_PDU:
+            raise AssociationClosed("aborted by the peer")
+        if not self.established:
+            if pdu_type != ASSOCIATE_RQ:
+                raise ProtocolError(f"expected an A-ASSOCIATE-RQ, got PDU type {pdu_type}", UNEXPECTED_PDU)
+            if length + 6 > MAX_ASSOCIATE_RQ:
+                raise ProtocolError(f"A-ASSOCIATE-RQ of {length + 6} bytes exceeds the limit of {MAX_ASSOCIATE_RQ}",
+                                    INVALID_PDU_PARAMETER)
             header = bytes(head)
             return pdu_type, memoryview(header + bytes(self.reader.read(length)))
+        if pdu_type == P_DATA_TF:
+            limit = self.max_pdu
+        elif pdu_type in (RELEASE_RQ, ABORT):
+            limit = MAX_SMALL_PDU
+        else:
+            raise ProtocolError(f"unexpected PDU type {pdu_type} on an established association", UNEXPECTED_PDU)
+        if length > limit:
+            raise ProtocolError(f"PDU of type {pdu_type} and {length} bytes exceeds the maximum of {limit}",
+                                INVALID_PDU_PARAMETER)
         return pdu_type, self.reader.read(length)
 
-    def _abort(self, source: int = 2, reason: int = 0) -> None:
+    def _abort(self, source: int = SERVICE_PROVIDER, reason: int = REASON_NOT_SPECIFIED) -> None:
         try:
             self.sock.sendall(struct.pack(">BBIBBBB", ABORT, 0, 4, 0, 0, source, reason))
+        except OSError:
+            pass
+
+    def evict(self) -> None:
+        """Close a connection that has no association yet from another thread (to make room for a new one)."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
 
@@ -260,42 +288,58 @@ class Association(threading.Thread):
 
     def run(self) -> None:
         released = False
-        started = time.monotonic()
+        started = self.accepted_at
+        peer = self.address[0]
         try:
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.sock.settimeout(self.config.network_timeout_s)
+            # ARTIM (PS3.8 9.1.5): from the accept until the A-ASSOCIATE-RQ is complete, TLS included.
+            artim = self.config.artim_timeout_s
+            self.reader.set_deadline("ARTIM (association request)", artim - (time.monotonic() - started))
+            self.reader.deadline_s = artim
             if self.server.ssl_context is not None:
+                self.sock.settimeout(max(self.reader.deadline - time.monotonic(), 0.01))
                 self.sock = self.server.ssl_context.wrap_socket(self.sock, server_side=True)
-            self.reader = SocketReader(self.sock)
+                self.reader.sock = self.sock
+                self.reader._timeout = None
             if self._negotiate():
                 released = self._serve()
-        except TimeoutError:
-            self._abort(2, 0)  # ARTIM / idle timer expired: tell the peer before closing
-            LOG.warning("association from %s (%s) aborted: nothing received for %.0f s", self.calling_ae,
-                        self.address[0], self.config.network_timeout_s, extra=self.log_extra)
-        except (AssociationClosed, OSError, ssl.SSLError) as exc:
+        except DeadlineExpired as exc:
+            if self.established:  # PS3.8 9.1.5: ARTIM expiry before the association only closes
+                self._abort(SERVICE_PROVIDER, REASON_NOT_SPECIFIED)
+            idle = "" if self.reader.received else f" (nothing received for {exc.seconds:.0f} s)"
+            LOG.warning("%s from %s (%s) %s: %s%s", "association" if self.established else "connection",
+                        self.calling_ae, peer, "aborted" if self.established else "closed", exc, idle,
+                        extra=self.log_extra)
+        except ProtocolError as exc:
+            self._abort(SERVICE_PROVIDER, exc.reason)
+            LOG.warning("%s from %s (%s) aborted (A-ABORT reason %d): %s",
+                        "association" if self.established else "connection", self.calling_ae, peer, exc.reason, exc,
+                        extra=self.log_extra)
+        except (AssociationClosed, OSError) as exc:  # ssl.SSLError is an OSError
             if self.established:
-                LOG.warning("association from %s (%s) ended abnormally: %s", self.calling_ae, self.address[0], exc,
+                LOG.warning("association from %s (%s) ended abnormally: %s", self.calling_ae, peer, exc,
                             extra=self.log_extra)
             else:
-                LOG.info("connection from %s closed before an association: %s", self.address[0], exc,
-                         extra=self.log_extra)
+                LOG.info("connection from %s closed before an association: %s", peer, exc, extra=self.log_extra)
         except Exception:  # a bug must cost one association, not the listener
             LOG.exception("association from %s failed with an internal error", self.calling_ae, extra=self.log_extra)
-            self._abort(2, 0)
+            self._abort(SERVICE_PROVIDER, REASON_NOT_SPECIFIED)
         finally:
             if self._incoming is not None:
                 self._incoming.discard()
+                self._incoming = None
             if self._spare is not None:
                 self._spare.discard()
+                self._spare = None
             try:
                 self.sock.close()
             except OSError:
                 pass
+            self.reader = SocketReader(self.sock, 0)  # the buffer goes now, not when the thread object does
             if self.established:
                 LOG.info(
                     "association from %s (%s) %s after %.1f s: %d instances stored, %d refused",
-                    self.calling_ae, self.address[0], "released" if released else "aborted",
+                    self.calling_ae, peer, "released" if released else "aborted",
                     time.monotonic() - started, self.stored, self.refused,
                     extra={**self.log_extra, "duration_s": round(time.monotonic() - started, 3)},
                 )
@@ -305,12 +349,12 @@ class Association(threading.Thread):
                     LOG.exception("could not evaluate the series of association %s", self.id, extra=self.log_extra)
                 try:
                     self.server.intake.transfer_finished(self.id, calling_ae=self.calling_ae,
-                                                         peer_ip=self.address[0], via="DICOM")
+                                                         peer_ip=peer, via="DICOM")
                 except Exception:  # the audit trail logs its own write errors; never break the listener
                     LOG.exception("could not audit association %s", self.id, extra=self.log_extra)
             self.server.forget(self)
 
-    def _reject(self, verdict: tuple[int, int, int], rq: A_ASSOCIATE, why: str) -> None:
+    def _reject(self, verdict: tuple[int, int, int], calling: str, called: str, why: str) -> None:
         result, source, diagnostic = verdict
         primitive = A_ASSOCIATE()
         primitive.result, primitive.result_source, primitive.diagnostic = result, source, diagnostic
@@ -318,48 +362,64 @@ class Association(threading.Thread):
         pdu.from_primitive(primitive)
         self.sock.sendall(pdu.encode())
         LOG.warning(
-            "association from %s (calling AE %s, called AE %s) rejected: %s",
-            self.address[0], rq.calling_ae_title, rq.called_ae_title, why,
-            extra={"association_id": self.log_id, "calling_ae": str(rq.calling_ae_title).strip()},
+            "association from %s (calling AE %s, called AE %s) rejected: %s", self.address[0], calling, called, why,
+            extra={"association_id": self.log_id, "calling_ae": calling},
         )
         intake = self.server.intake
         if intake.metrics is not None:
             intake.metrics.association("rejected")
         if intake.audit is not None and verdict != RJ_LOCAL_LIMIT:  # busy is not a security event
-            intake.audit.association_rejected(str(rq.calling_ae_title).strip(), self.address[0], why)
+            intake.audit.association_rejected(calling, self.address[0], why)
 
     def _negotiate(self) -> bool:
-        pdu_type, data = self._read_pdu()
-        if pdu_type != ASSOCIATE_RQ:
-            self._abort(2, 2)  # unexpected PDU
-            raise AssociationClosed(f"expected A-ASSOCIATE-RQ, got PDU type {pdu_type}")
-        pdu = A_ASSOCIATE_RQ()
-        pdu.decode(bytes(data))
-        rq = pdu.to_primitive()
-        self.calling_ae = str(rq.calling_ae_title).strip()
-        called = str(rq.called_ae_title).strip()
-        if rq.application_context_name != APPLICATION_CONTEXT:
-            self._reject(RJ_APPLICATION_CONTEXT, rq, f"application context {rq.application_context_name}")
+        _, data = self._read_pdu()
+        raw = bytes(data)
+        if len(raw) < 74:  # header, version, reserved, AE titles, reserved (PS3.8 Table 9-11)
+            raise ProtocolError(f"A-ASSOCIATE-RQ of {len(raw)} bytes is shorter than its fixed fields",
+                                INVALID_PDU_PARAMETER)
+        called, self.calling_ae = _ae_text(raw[10:26]), _ae_text(raw[26:42]) or "?"
+        if called != self.config.ae_title:  # blank or invalid included: PS3.8 9.3.4 diagnostic 7
+            self._reject(RJ_CALLED_AE, self.calling_ae, called, f"called AE title {called!r} is not "
+                         f"{self.config.ae_title}")
             return False
-        if called != self.config.ae_title:
-            self._reject(RJ_CALLED_AE, rq, f"called AE title is not {self.config.ae_title}")
+        try:
+            pdu = A_ASSOCIATE_RQ()
+            pdu.decode(raw)
+            rq = pdu.to_primitive()
+            context_name = str(rq.application_context_name)
+        except Exception as exc:  # pynetdicom raises many types on malformed items
+            raise ProtocolError(f"malformed A-ASSOCIATE-RQ: {type(exc).__name__}: {exc}",
+                                INVALID_PDU_PARAMETER) from None
+        if context_name != APPLICATION_CONTEXT:
+            self._reject(RJ_APPLICATION_CONTEXT, self.calling_ae, called, f"application context {context_name}")
             return False
         allowed = self.config.allowed_calling_ae_titles
         if allowed and self.calling_ae not in allowed:
-            self._reject(RJ_CALLING_AE, rq, "calling AE title not in the allow-list")
+            self._reject(RJ_CALLING_AE, self.calling_ae, called, "calling AE title not in the allow-list")
+            return False
+        networks = self.server.calling_networks.get(self.calling_ae)
+        if networks is not None and not address_allowed(self.address[0], networks):
+            self._reject(RJ_CALLING_AE, self.calling_ae, called,
+                         f"calling AE title {self.calling_ae} is not allowed from address {self.address[0]} "
+                         "(calling_ae_addresses)")
             return False
         if not self.server.admit(self):
-            self._reject(RJ_LOCAL_LIMIT, rq, f"{self.config.max_associations} associations already active")
+            self._reject(RJ_LOCAL_LIMIT, self.calling_ae, called,
+                         f"{self.config.max_associations} associations already active")
             return False
         self.peer_max_pdu = rq.maximum_length_received or 0
-        roles = {
-            item.sop_class_uid: (item.scu_role, item.scp_role)
-            for item in rq.user_information
-            if isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid is not None
-        }
-        results, role_items = negotiate_as_acceptor(
-            rq.presentation_context_definition_list, self.server.contexts, roles or None
-        )
+        try:
+            roles = {
+                item.sop_class_uid: (item.scu_role, item.scp_role)
+                for item in rq.user_information
+                if isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid is not None
+            }
+            results, role_items = negotiate_as_acceptor(
+                rq.presentation_context_definition_list, self.server.contexts, roles or None
+            )
+        except Exception as exc:  # malformed presentation context or role items
+            raise ProtocolError(f"malformed A-ASSOCIATE-RQ items: {type(exc).__name__}: {exc}",
+                                INVALID_PDU_PARAMETER) from None
         for cx in results:
             if cx.result == 0 and cx.context_id is not None:
                 self.contexts[cx.context_id] = (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
@@ -370,7 +430,7 @@ class Association(threading.Thread):
         ac.result, ac.result_source = 0x00, 0x01
         ac.presentation_context_definition_results_list = results
         max_length = MaximumLengthNotification()
-        max_length.maximum_length_received = self.config.max_pdu_size
+        max_length.maximum_length_received = self.max_pdu
         class_uid = ImplementationClassUIDNotification()
         class_uid.implementation_class_uid = UID(IMPLEMENTATION_CLASS_UID)
         version = ImplementationVersionNameNotification()
@@ -380,6 +440,7 @@ class Association(threading.Thread):
         out.from_primitive(ac)
         self.sock.sendall(out.encode())
         self.established = True
+        self.reader.resize(ESTABLISHED_BUFFER)
         if self.server.intake.metrics is not None:
             self.server.intake.metrics.association("accepted")
         self._prepare_spare()
@@ -387,88 +448,125 @@ class Association(threading.Thread):
                   extra=self.log_extra)
         return True
 
+    def _set_pdu_deadline(self) -> None:
+        """The next PDU must arrive whole within ``network_timeout_s`` (DIMSE/idle), or sooner if an
+        instance in progress is slower than :data:`MIN_INSTANCE_RATE` after its grace period."""
+        timeout = self.config.network_timeout_s
+        if self._request is not None:
+            allowed = timeout + (self._instance_bytes + self.max_pdu) / MIN_INSTANCE_RATE
+            remaining = self._instance_started + allowed - time.monotonic()
+            if remaining < timeout:
+                self.reader.set_deadline("instance", remaining)
+                self.reader.deadline_s = allowed
+                return
+        self.reader.set_deadline("DIMSE/idle (network_timeout_s)", timeout)
+
     def _serve(self) -> bool:
         """Handle PDUs until release (True) or abort (raises / False)."""
         while True:
+            self._set_pdu_deadline()
             pdu_type, data = self._read_pdu()
             if pdu_type == P_DATA_TF:
                 self._p_data(data)
             elif pdu_type == RELEASE_RQ:
                 self.sock.sendall(struct.pack(">BBII", RELEASE_RP, 0, 4, 0))
+                self._await_close()
                 return True
-            elif pdu_type == ABORT:
-                raise AssociationClosed("aborted by the peer")
-            else:
-                self._abort(2, 2)
-                raise AssociationClosed(f"unexpected PDU type {pdu_type}")
+            else:  # _read_pdu lets only these three types through
+                raise ProtocolError(f"unexpected PDU type {pdu_type}", UNEXPECTED_PDU)
+
+    def _await_close(self) -> None:
+        """ARTIM after A-RELEASE-RP (PS3.8 9.1.5, Sta13): the requestor closes the connection."""
+        self.reader.set_deadline("ARTIM (release)", self.config.artim_timeout_s)
+        try:
+            while True:
+                self.reader.read(self.reader.buffered() or 1)  # anything after the release is ignored
+        except DeadlineExpired as exc:
+            LOG.warning("association from %s (%s) closed by the node: %s", self.calling_ae, self.address[0], exc,
+                        extra=self.log_extra)
+        except (AssociationClosed, OSError):
+            pass
 
     # -- DIMSE ----------------------------------------------------------------
 
     def _p_data(self, data: memoryview) -> None:
-        view = data
         offset, end = 0, len(data)
         while offset < end:
+            if end - offset < 6:  # item length (4), context id, control header (PS3.8 9.3.5.1)
+                raise ProtocolError(f"presentation data value item of {end - offset} bytes", INVALID_PDU_PARAMETER)
             length = struct.unpack_from(">I", data, offset)[0]
             if length < 2 or offset + 4 + length > end:
-                self._abort(2, 6)
-                raise AssociationClosed("malformed presentation data value item")
+                raise ProtocolError(f"presentation data value item length {length} does not fit its PDU",
+                                    INVALID_PDU_PARAMETER)
             context_id, control = data[offset + 4], data[offset + 5]
-            fragment = view[offset + 6:offset + 4 + length]
+            fragment = data[offset + 6:offset + 4 + length]
             offset += 4 + length
             if context_id not in self.contexts:
-                self._abort(2, 6)
-                raise AssociationClosed(f"data on presentation context {context_id}, which was not accepted")
+                raise ProtocolError(f"data on presentation context {context_id}, which was not accepted",
+                                    INVALID_PDU_PARAMETER)
             if control & 0x01:
+                if self._request is not None:
+                    raise ProtocolError("a command arrived before the dataset of the previous one was complete",
+                                        UNEXPECTED_PDU_PARAMETER)
                 self._command += fragment
+                if len(self._command) > MAX_COMMAND_SET:
+                    raise ProtocolError(f"command set longer than {MAX_COMMAND_SET} bytes", INVALID_PDU_PARAMETER)
                 if control & 0x02:
                     self._on_command(context_id)
             else:
                 self._on_dataset_fragment(context_id, fragment, last=bool(control & 0x02))
 
     def _on_command(self, context_id: int) -> None:
-        request = decode(BytesIO(bytes(self._command)), True, True)
-        self._command.clear()
-        field = int(request.get("CommandField", 0))
-        has_dataset = int(request.get("CommandDataSetType", NO_DATASET)) != NO_DATASET
-        if field == C_ECHO_RQ:
+        try:
+            request = _parse_command(bytes(self._command))
+        except ValueError as exc:
+            raise ProtocolError(str(exc), INVALID_PDU_PARAMETER) from None
+        finally:
+            self._command.clear()
+        if request.field == C_ECHO_RQ:
             self._respond(context_id, request, 0x8030, SUCCESS)
-        elif field == C_STORE_RQ and has_dataset:
+        elif request.field == C_STORE_RQ and request.has_dataset:
             abstract, syntax = self.contexts[context_id]
-            sop_class = str(request.get("AffectedSOPClassUID", "")).rstrip("\0 ")
+            sop_class = request.sop_class_uid or ""
             if sop_class != abstract:
                 LOG.warning("C-STORE on context %d names SOP class %s, the context %s", context_id, sop_class, abstract,
                             extra=self.log_extra)
-            self._request, self._dataset_context = request, context_id
+            self._start_dataset(request, context_id)
             spare, self._spare = self._spare, None
             self._incoming = self.server.intake.begin(
                 sop_class_uid=abstract,
-                sop_instance_uid=str(request.get("AffectedSOPInstanceUID", "")).rstrip("\0 "),
+                sop_instance_uid=request.sop_instance_uid or "",
                 transfer_syntax=syntax,
                 source=self.calling_ae,
                 association=self.id,
                 spare=spare,
             )
-        elif has_dataset:  # an operation we do not offer: read its dataset, then answer
-            self._request, self._dataset_context = request, context_id
+        elif request.has_dataset:  # an operation we do not offer: read its dataset, then answer
+            self._start_dataset(request, context_id)
             self._incoming = None
         else:
-            LOG.warning("unsupported DIMSE command 0x%04X from %s", field, self.calling_ae, extra=self.log_extra)
-            self._respond(context_id, request, field | 0x8000, UNRECOGNIZED_OPERATION)
+            LOG.warning("unsupported DIMSE command 0x%04X from %s", request.field, self.calling_ae,
+                        extra=self.log_extra)
+            self._respond(context_id, request, (request.field | 0x8000) & 0xFFFF, UNRECOGNIZED_OPERATION)
+
+    def _start_dataset(self, request: Command, context_id: int) -> None:
+        self._request, self._dataset_context = request, context_id
+        self._instance_started, self._instance_bytes = time.monotonic(), 0
 
     def _on_dataset_fragment(self, context_id: int, fragment: memoryview, last: bool) -> None:
         if self._request is None or context_id != self._dataset_context:
-            self._abort(2, 2)
-            raise AssociationClosed("dataset fragment without a command")
+            raise ProtocolError("dataset fragment without a command", UNEXPECTED_PDU_PARAMETER)
+        self._instance_bytes += len(fragment)
         if self._incoming is not None:
             self._incoming.write(fragment)
         if not last:
             return
         request, incoming = self._request, self._incoming
         self._request = self._incoming = None
-        field = int(request.get("CommandField", 0))
         if incoming is None:
-            LOG.warning("unsupported DIMSE command 0x%04X from %s", field, self.calling_ae, extra=self.log_extra)
-            self._respond(context_id, request, field | 0x8000, UNRECOGNIZED_OPERATION)
+            LOG.warning("unsupported DIMSE command 0x%04X from %s", request.field, self.calling_ae,
+                        extra=self.log_extra)
+            self._respond(context_id, request, (request.field | 0x8000) & 0xFFFF, UNRECOGNIZED_OPERATION)
             return
         result = incoming.finish()
         if result.ok:
@@ -486,19 +584,20 @@ class Association(threading.Thread):
             except OSError as exc:  # begin() will try again and refuse with the reason
                 LOG.debug("no spare spool file: %s", exc)
 
-    def _respond(self, context_id: int, request: Dataset, field: int, status: int, comment: str | None = None) -> None:
+    def _respond(self, context_id: int, request: Command, field: int, status: int, comment: str | None = None) -> None:
         self._send_message(context_id, response_command(
-            field,
-            int(request.get("MessageID", 0)),
-            status,
-            str(request.AffectedSOPClassUID).rstrip("\0 ") if "AffectedSOPClassUID" in request else None,
-            str(request.AffectedSOPInstanceUID).rstrip("\0 ") if "AffectedSOPInstanceUID" in request else None,
+            field, request.message_id, status, request.sop_class_uid, request.sop_instance_uid,
             comment if status != SUCCESS else None,
         ))
 
 
 class DicomServer:
-    """The node's DICOM SCP: an accept loop and one :class:`Association` thread per connection."""
+    """The node's DICOM SCP: an accept loop and one :class:`Association` thread per connection.
+
+    Admission comes before any allocation: over ``max_connections`` open
+    connections in all, or ``max_connections_per_address`` from one address, a
+    new connection is closed at once, without a thread or a buffer.
+    """
 
     def __init__(
         self,
@@ -512,8 +611,14 @@ class DicomServer:
         self.ssl_context = ssl_context
         self.port = config.port if port is None else port
         self.contexts = supported_contexts()
+        self.calling_networks = {
+            aet: tuple(ipaddress.ip_network(n, strict=False) for n in networks)
+            for aet, networks in config.calling_ae_addresses
+        }
         self._lock = threading.Lock()
         self._associations: set[Association] = set()
+        self._per_address: dict[str, int] = {}
+        self._evicting: set[Association] = set()  # closed to make room, their threads ending
         self._admitted = 0
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
@@ -551,11 +656,45 @@ class DicomServer:
                 LOG.exception("accept failed")
                 time.sleep(0.1)
                 continue
-            conn.settimeout(self.config.network_timeout_s)
-            assoc = Association(self, conn, address[:2])
+            host = address[0]
+            victim: Association | None = None
             with self._lock:
-                self._associations.add(assoc)
+                total = len(self._associations) - len(self._evicting)
+                mine = self._per_address.get(host, 0) - sum(1 for a in self._evicting if a.address[0] == host)
+                refused = (f"{total} connections open (max_connections)" if total >= self.config.max_connections
+                           else f"{mine} connections open from this address (max_connections_per_address)"
+                           if mine >= self.config.max_connections_per_address else None)
+                if refused is not None and len(self._evicting) < MAX_EVICTING:
+                    # The oldest connection still without an association (of this address, when its own cap
+                    # is reached) makes room: a flood of idle connections cannot lock out a real peer.
+                    victim = min((a for a in self._associations if not a.established and a not in self._evicting
+                                  and (mine < self.config.max_connections_per_address or a.address[0] == host)),
+                                 key=lambda a: a.accepted_at, default=None)
+                    if victim is not None:
+                        self._evicting.add(victim)
+                        refused = None
+                if refused is None:
+                    assoc = Association(self, conn, address[:2])
+                    self._associations.add(assoc)
+                    self._per_address[host] = self._per_address.get(host, 0) + 1
+            if victim is not None:
+                LOG.warning("connection from %s closed before an association: making room for %s (%s)",
+                            victim.address[0], host, "max_connections" if total >= self.config.max_connections
+                            else "max_connections_per_address")
+                victim.evict()
+            if refused is not None:
+                LOG.warning("connection from %s refused: %s", host, refused)
+                try:
+                    conn.close()
+                except OSError:
+                    pass
+                continue
             assoc.start()
+
+    def connections(self) -> int:
+        """Open connections, associated or not (each has one thread)."""
+        with self._lock:
+            return len(self._associations)
 
     def admit(self, assoc: Association) -> bool:
         """Count an association against ``max_associations``; False when the limit is reached."""
@@ -568,8 +707,17 @@ class DicomServer:
 
     def forget(self, assoc: Association) -> None:
         with self._lock:
-            self._associations.discard(assoc)
+            self._evicting.discard(assoc)
+            if assoc in self._associations:
+                self._associations.discard(assoc)
+                host = assoc.address[0]
+                left = self._per_address.get(host, 1) - 1
+                if left > 0:
+                    self._per_address[host] = left
+                else:
+                    self._per_address.pop(host, None)
             if assoc.admitted:
+                assoc.admitted = False
                 self._admitted -= 1
 
     def established(self) -> list[Association]:

@@ -2,7 +2,7 @@
 
 The HTTP side is thin glue around the one door for received instances: each
 ``application/dicom`` part of a ``multipart/related`` request body goes through
-:meth:`Intake.accept_part10` (header check, durable write, state record) and
+:meth:`Intake.accept_part10_file` (header check, durable write, state record) and
 its DICOM status becomes an item of the Store Instances Response (PS3.18
 Annex I). The response is sent only after every part has been handled, so an
 instance listed in Referenced SOP Sequence is fsynced and recorded, the same
@@ -22,9 +22,11 @@ boundary=...`` whose parts are PS3.10 files (a part with no Content-Type of its
 own is taken as ``application/dicom``), or, as a convenience for ``curl``, one
 PS3.10 file sent as ``Content-Type: application/dicom``. Metadata and bulk
 data STOW (``type="application/dicom+json"`` or ``+xml``) is refused with 415.
-The body is parsed as it streams in (python-multipart): a part is held in
-memory only up to ``max_part_bytes``, and is stored while the next one
-arrives.
+The body is parsed as it streams in (python-multipart): each part is written
+to a temporary file in the spool as it arrives, like a C-STORE's P-DATA
+fragments (only its first 64 KiB stay in memory, to name a refused instance),
+so the memory a request takes does not grow with its parts; a complete part is
+checked and stored while the next one arrives.
 
 HTTP statuses (PS3.18 Table 10.5.3-1 and Section 8.5):
 
@@ -34,6 +36,7 @@ HTTP statuses (PS3.18 Table 10.5.3-1 and Section 8.5):
 400   bad syntax: no or bad boundary, broken multipart body, no part, a
       Study Instance UID in the path that is not a UID
 406   the Accept header allows no ``application/dicom+json`` response
+408   no body bytes for ``idle_timeout_s`` (the node's ``[node] network_timeout_s``)
 409   nothing stored: every instance failed (unsupported SOP class, study
       mismatch, cannot be parsed, ...; the body says which and why)
 413   ``Content-Length`` or the bytes received over ``max_request_bytes``
@@ -41,7 +44,9 @@ HTTP statuses (PS3.18 Table 10.5.3-1 and Section 8.5):
 415   a Content-Type other than the two above
 503   nothing stored because every failure was "out of resources" that may
       pass (free disk under the watermark, a write that failed); with
-      ``Retry-After``, which DICOMweb clients honour by retrying
+      ``Retry-After``, which DICOMweb clients honour by retrying. Also, before
+      reading anything, for a request over ``[http] http_max_concurrency``
+      in flight (:class:`node.http.server.ConcurrencyLimit`)
 ====  =====================================================================
 
 Failure Reason values (PS3.18 Table I.2-2) are the intake's C-STORE statuses:
@@ -76,7 +81,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Any
@@ -89,7 +94,15 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from node.receive.intake import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, STUDY_MISMATCH, SUCCESS, Intake, IntakeResult
+from node.receive.intake import (
+    CANNOT_UNDERSTAND,
+    OUT_OF_RESOURCES,
+    STUDY_MISMATCH,
+    SUCCESS,
+    Intake,
+    IntakeResult,
+    TempFile,
+)
 from node.store.spool import SpoolError, check_uid
 
 LOG = logging.getLogger(__name__)
@@ -100,9 +113,11 @@ DEFAULT_MAX_PART_BYTES = 1024 * 2**20
 DEFAULT_MAX_REQUEST_BYTES = 16 * 2**30
 DEFAULT_BASE_PATHS = ("", "/dicom-web")
 RETRY_AFTER_S = 60  # for 503 when the disk is under the watermark
+DEFAULT_IDLE_TIMEOUT_S = 60.0  # the longest wait for the next body bytes (408 after it)
 
 _PREAMBLE_LIMIT = 64 * 1024  # RFC 2046 preamble (e.g. dicomweb-client's leading CRLF) kept at most
-_HEAD_BYTES = 64 * 1024  # of an oversized part: enough to name it in the response
+_MAX_HEADER_BYTES = 16 * 1024  # of one part header line (name or value): RFC 2046 sets none, we must
+_HEAD_BYTES = 64 * 1024  # of each part, kept in memory: enough to name a refused instance in the response
 _PEEK_TAGS = ["SOPClassUID", "SOPInstanceUID"]
 _ACCEPTABLE = {"*/*", "application/*", DICOM_JSON, "application/json"}
 
@@ -126,12 +141,47 @@ class _RequestError(Exception):
 
 @dataclass
 class _Part:
-    """One body part as received: its headers and bytes (or only its head when oversized)."""
+    """One body part as received: its headers, its first bytes, and the rest in a temporary spool file."""
 
     headers: dict[str, str] = field(default_factory=dict)
-    chunks: list[bytes] = field(default_factory=list)
+    head: bytearray = field(default_factory=bytearray)
+    temp: TempFile | None = None
     size: int = 0
     oversized: bool = False
+    error: str | None = None  # the temporary file could not be made or written
+    foreign: bool = False  # not application/dicom: refused when it ends
+
+    def write(self, data: bytes | memoryview, max_bytes: int, new_temp: Callable[[], TempFile]) -> None:
+        """Append ``data``: to the head, and to the temporary file while the part is an instance to store."""
+        self.size += len(data)
+        if len(self.head) < _HEAD_BYTES:
+            self.head += data[:_HEAD_BYTES - len(self.head)]
+        if self.oversized or self.error is not None or self.foreign:
+            return  # refused when it ends: only the head is kept
+        if self.size > max_bytes:
+            self.oversized = True
+            self.discard()
+            return
+        try:
+            if self.temp is None:
+                if not self.is_dicom:
+                    self.foreign = True
+                    return
+                self.temp = new_temp()
+            self.temp.file.write(data)
+        except OSError as exc:
+            self.error = f"cannot store: {exc}"
+            self.discard()
+
+    @property
+    def is_dicom(self) -> bool:
+        return _media_type(self.headers.get("content-type", "application/dicom"))[0] == "application/dicom"
+
+    def discard(self) -> None:
+        """Remove the temporary file, if any (idempotent)."""
+        if self.temp is not None:
+            self.temp.discard()
+            self.temp = None
 
 
 @dataclass(frozen=True)
@@ -152,9 +202,10 @@ class _Outcome:
 class _MultipartCollector:
     """Feeds body chunks to python-multipart and collects complete parts, bounded per part."""
 
-    def __init__(self, boundary: bytes, max_part_bytes: int) -> None:
+    def __init__(self, boundary: bytes, max_part_bytes: int, new_temp: Callable[[], TempFile]) -> None:
         self.boundary = boundary
         self.max_part_bytes = max_part_bytes
+        self.new_temp = new_temp
         self.completed: list[_Part] = []
         self.parts_seen = 0
         self.ended = False
@@ -166,8 +217,8 @@ class _MultipartCollector:
             boundary,
             callbacks={
                 "on_part_begin": self._part_begin,
-                "on_header_field": lambda data, start, end: self._field.extend(data[start:end]),
-                "on_header_value": lambda data, start, end: self._value.extend(data[start:end]),
+                "on_header_field": lambda data, start, end: self._header_bytes(self._field, data, start, end),
+                "on_header_value": lambda data, start, end: self._header_bytes(self._value, data, start, end),
                 "on_header_end": self._header_end,
                 "on_part_data": self._part_data,
                 "on_part_end": self._part_end,
@@ -199,6 +250,12 @@ class _MultipartCollector:
         at = data.find(b"\r\n" + delimiter)
         return None if at < 0 else at + 2
 
+    @staticmethod
+    def _header_bytes(into: bytearray, data: bytes, start: int, end: int) -> None:
+        into.extend(data[start:end])
+        if len(into) > _MAX_HEADER_BYTES:
+            raise MultipartParseError(f"a part header over {_MAX_HEADER_BYTES} bytes")
+
     def _part_begin(self) -> None:
         self._current = _Part()
         self.parts_seen += 1
@@ -211,18 +268,8 @@ class _MultipartCollector:
         self._value.clear()
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
-        part = self._current
-        if part is None:
-            return
-        part.size += end - start
-        if part.oversized:
-            return
-        part.chunks.append(bytes(data[start:end]))
-        if part.size > self.max_part_bytes:
-            # Keep only the head, to name the instance in the Failed SOP Sequence.
-            head = b"".join(part.chunks)[:_HEAD_BYTES]
-            part.chunks = [head]
-            part.oversized = True
+        if self._current is not None:
+            self._current.write(memoryview(data)[start:end], self.max_part_bytes, self.new_temp)
 
     def _part_end(self) -> None:
         if self._current is not None:
@@ -231,6 +278,13 @@ class _MultipartCollector:
 
     def _end(self) -> None:
         self.ended = True
+
+    def discard(self) -> None:
+        """Remove the temporary files of the parts not handed over (a request that stops early)."""
+        for part in [*self.completed, *([self._current] if self._current is not None else [])]:
+            part.discard()
+        self.completed.clear()
+        self._current = None
 
 
 def _peek_uids(data: bytes) -> tuple[str | None, str | None]:
@@ -321,10 +375,12 @@ class _StowRequest:
 class StowService:
     """The STOW-RS endpoint: streams parts out of a request into the intake."""
 
-    def __init__(self, intake: Intake, *, max_part_bytes: int, max_request_bytes: int) -> None:
+    def __init__(self, intake: Intake, *, max_part_bytes: int, max_request_bytes: int,
+                 idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S) -> None:
         self.intake = intake
         self.max_part_bytes = max_part_bytes
         self.max_request_bytes = max_request_bytes
+        self.idle_timeout_s = idle_timeout_s
 
     async def store(self, request: Request) -> Response:
         """``POST {base}/studies[/{study}]``: the Store Instances transaction (PS3.18 10.5)."""
@@ -397,7 +453,16 @@ class StowService:
             raise _RequestError(413, f"request body of {size} bytes is over the {limit} bytes limit")
 
     async def _chunks(self, request: Request, stow: _StowRequest, limit: int) -> AsyncIterator[bytes]:
-        async for chunk in request.stream():
+        stream = request.stream()
+        while True:
+            # A body that stalls would hold a request slot (http_max_concurrency) for ever.
+            try:
+                chunk = await asyncio.wait_for(anext(stream), self.idle_timeout_s)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise _RequestError(408, f"no body bytes for {self.idle_timeout_s:g} s (after {stow.received} "
+                                         "bytes)") from None
             if not chunk:
                 continue
             allowed = limit - stow.received
@@ -416,7 +481,7 @@ class StowService:
         boundary = params.get("boundary")
         if not boundary:
             raise _RequestError(400, "multipart/related Content-Type without a boundary parameter")
-        collector = _MultipartCollector(boundary.encode("latin-1"), self.max_part_bytes)
+        collector = _MultipartCollector(boundary.encode("latin-1"), self.max_part_bytes, self.intake.new_temp)
         pending: asyncio.Future[_Outcome] | None = None
         try:
             async for chunk in self._chunks(request, stow, self.max_request_bytes):
@@ -438,37 +503,53 @@ class StowService:
             if collector.parts_seen == 0:
                 raise _RequestError(400, "multipart/related body without any part")
         finally:
+            collector.discard()
             if pending is not None:
                 stow.outcomes.append(await pending)
 
     async def _store_single(self, request: Request, stow: _StowRequest) -> None:
-        chunks = [chunk async for chunk in self._chunks(request, stow, self.max_part_bytes)]
-        if not chunks:
-            raise _RequestError(400, "empty application/dicom body")
-        part = _Part(headers={"content-type": "application/dicom"}, chunks=chunks, size=stow.received)
-        stow.outcomes.append(await run_in_threadpool(self._store_part, part, stow))
+        part = _Part(headers={"content-type": "application/dicom"})
+        try:
+            async for chunk in self._chunks(request, stow, self.max_part_bytes):
+                part.write(chunk, self.max_part_bytes, self.intake.new_temp)
+            if not part.size:
+                raise _RequestError(400, "empty application/dicom body")
+            handed_over, part = part, _Part()
+            stow.outcomes.append(await run_in_threadpool(self._store_part, handed_over, stow))
+        finally:
+            part.discard()
 
     def _store_part(self, part: _Part, stow: _StowRequest) -> _Outcome:
         """Check one part and hand it to the intake (blocking: runs in a worker thread)."""
-        data = b"".join(part.chunks)
-        part.chunks = []  # only the joined copy stays
+        head = bytes(part.head)
         media, _ = _media_type(part.headers.get("content-type", "application/dicom"))
-        if media != "application/dicom":
-            return self._refuse(CANNOT_UNDERSTAND, f"part Content-Type {media!r} is not application/dicom",
-                                stow, data)
-        if part.oversized:
-            return self._refuse(OUT_OF_RESOURCES, f"part of {part.size} bytes is over the "
-                                                  f"{self.max_part_bytes} bytes limit", stow, data)
         try:
-            result: IntakeResult = self.intake.accept_part10(data, source=stow.source, association=stow.request_id,
-                                                             expected_study=stow.expected_study)
+            if media != "application/dicom":
+                return self._refuse(CANNOT_UNDERSTAND, f"part Content-Type {media!r} is not application/dicom",
+                                    stow, head)
+            if part.oversized:
+                return self._refuse(OUT_OF_RESOURCES, f"part of {part.size} bytes is over the "
+                                                      f"{self.max_part_bytes} bytes limit", stow, head)
+            if part.error is not None:
+                return self._refuse(OUT_OF_RESOURCES, part.error, stow, head)
+            if part.temp is None:
+                return self._refuse(CANNOT_UNDERSTAND, "empty part", stow, head)
+            temp, part.temp = part.temp, None  # the intake consumes it (renames or removes it)
+            try:
+                result: IntakeResult = self.intake.accept_part10_file(
+                    temp, source=stow.source, association=stow.request_id, expected_study=stow.expected_study)
+            finally:
+                if temp.path.parent == self.intake.spool.incoming_dir:
+                    temp.discard()  # not consumed (an error before the intake took it)
         except Exception as exc:  # a bug or an unmapped error must not lose the other parts' outcomes
             LOG.exception("STOW-RS %s: instance from %s could not be processed", stow.request_id, stow.client)
-            return self._refuse(PROCESSING_FAILURE, f"processing failure: {exc}", stow, data)
+            return self._refuse(PROCESSING_FAILURE, f"processing failure: {exc}", stow, head)
+        finally:
+            part.discard()
         sop_class, sop_instance = result.sop_class_uid, result.sop_instance_uid
         if not result.ok and (sop_class is None or sop_instance is None):
             # The intake refuses some instances before reading them (disk watermark).
-            peeked_class, peeked_instance = _peek_uids(data)
+            peeked_class, peeked_instance = _peek_uids(head)
             sop_class, sop_instance = sop_class or peeked_class, sop_instance or peeked_instance
         return _Outcome(result.status, result.reason, sop_class, sop_instance,
                         retryable=result.status == OUT_OF_RESOURCES)
@@ -485,6 +566,7 @@ def stow_routes(
     base_paths: Sequence[str] = DEFAULT_BASE_PATHS,
     max_part_bytes: int = DEFAULT_MAX_PART_BYTES,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
 ) -> tuple[StowService, list[Route]]:
     """The STOW-RS service and its ``POST {base}/studies[/{study}]`` routes under each of ``base_paths``.
 
@@ -503,7 +585,10 @@ def stow_routes(
             raise ValueError(f"base_paths: {base!r} must be '' or start with '/' and not end with '/'")
     if len(set(base_paths)) != len(base_paths):
         raise ValueError(f"base_paths: {list(base_paths)!r} has duplicates")
-    service = StowService(intake, max_part_bytes=max_part_bytes, max_request_bytes=max_request_bytes)
+    if isinstance(idle_timeout_s, bool) or not isinstance(idle_timeout_s, (int, float)) or not idle_timeout_s > 0:
+        raise ValueError(f"idle_timeout_s: expected a number of seconds > 0, got {idle_timeout_s!r}")
+    service = StowService(intake, max_part_bytes=max_part_bytes, max_request_bytes=max_request_bytes,
+                          idle_timeout_s=idle_timeout_s)
     routes = []
     for base in base_paths:
         routes.append(Route(f"{base}/studies", service.store, methods=["POST"]))
@@ -511,5 +596,6 @@ def stow_routes(
     return service, routes
 
 
-__all__ = ["DEFAULT_BASE_PATHS", "DEFAULT_MAX_PART_BYTES", "DEFAULT_MAX_REQUEST_BYTES", "PROCESSING_FAILURE",
-           "STUDY_MISMATCH", "StowService", "response_status", "store_instances_response", "stow_routes"]
+__all__ = ["DEFAULT_BASE_PATHS", "DEFAULT_IDLE_TIMEOUT_S", "DEFAULT_MAX_PART_BYTES", "DEFAULT_MAX_REQUEST_BYTES",
+           "PROCESSING_FAILURE", "STUDY_MISMATCH", "StowService", "response_status", "store_instances_response",
+           "stow_routes"]

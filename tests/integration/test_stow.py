@@ -6,7 +6,10 @@ OS, in front of a real Intake (spool + SQLite state) in tmp_path.
 
 from __future__ import annotations
 
+import base64
+import http.client
 import json
+import socket
 import subprocess
 import time
 import urllib.request
@@ -18,7 +21,7 @@ import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, RLELossless, generate_uid
 
 from node.config import NodeConfig
 from node.http.server import HttpServer, HttpServerError, create_app
@@ -27,7 +30,7 @@ from node.receive.stow import STUDY_MISMATCH
 from node.store.spool import Spool
 from node.store.state import QUEUED, StateStore
 from support.data import DATA, abdomen_files
-from support.processes import free_port
+from support.processes import free_port, wait_for
 
 CURL = "/usr/bin/curl"
 BOUNDARY = "stow-test-boundary-7d1c"
@@ -55,6 +58,25 @@ class StowNode:
 
     def spooled(self) -> list[Path]:
         return sorted(self.spool.root.rglob("*.dcm"))
+
+    def temp_files(self) -> list[Path]:
+        """Temporary files of parts being received (none once every request has ended)."""
+        return sorted(self.spool.incoming_dir.iterdir())
+
+    def post(self, path: str, body: bytes = b"", headers: dict[str, str | bytes] | None = None
+             ) -> tuple[int, dict[str, str], bytes]:
+        """POST with http.client, whose header values may be any bytes; (status, headers, body)."""
+        connection = http.client.HTTPConnection("127.0.0.1", self.server.port, timeout=30)
+        try:
+            connection.putrequest("POST", path)
+            for name, value in {"Content-Type": MULTIPART, "Content-Length": str(len(body)),
+                                **(headers or {})}.items():
+                connection.putheader(name, value)
+            connection.endheaders(body)
+            response = connection.getresponse()
+            return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+        finally:
+            connection.close()
 
     def instance_row(self, sop_instance_uid: str):  # noqa: ANN201
         return self.state._connection().execute(
@@ -286,12 +308,13 @@ def test_size_limits(start_node, tmp_path: Path) -> None:
     status, _, raw = curl_post(f"{node.url}/studies", body, tmp_path, extra=["-H", "Transfer-Encoding: chunked"])
     assert status == 413 and f"request body over the {len(body) - 1} bytes limit".encode() in raw
     assert node.spooled() == []  # every part was over max_part_bytes, so none was stored before the limit
+    assert node.temp_files() == []
 
     status, _, raw = curl_post(f"{node.url}/studies", multipart_body([files[0].read_bytes()]), tmp_path)
     failed = items(json.loads(raw), FAILED_SOP_SEQUENCE)
     assert status == 409 and failed[0][FAILURE_REASON]["Value"] == [0xA700]
     assert uid_of(failed[0], SOP_INSTANCE) == pydicom.dcmread(files[0], stop_before_pixels=True).SOPInstanceUID
-    assert node.spooled() == []
+    assert node.spooled() == [] and node.temp_files() == []
 
 
 def test_limit_reached_after_some_parts(start_node, tmp_path: Path) -> None:
@@ -303,10 +326,25 @@ def test_limit_reached_after_some_parts(start_node, tmp_path: Path) -> None:
     stored = len(node.spooled())
     assert status == 413 and 0 < stored < len(files)
     assert f"({stored} instances before this were stored)".encode() in raw
+    assert node.temp_files() == []
+
+
+def test_parts_are_streamed_to_the_spool(start_node) -> None:
+    """A part is written to a temporary spool file as it arrives; a client that goes away leaves none."""
+    node = start_node()
+    data = abdomen_files()[0].read_bytes()
+    head = f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + data[:len(data) // 2]
+    with socket.create_connection(("127.0.0.1", node.server.port), timeout=10) as sock:
+        sock.sendall(f"POST /studies HTTP/1.1\r\nHost: x\r\nContent-Type: {MULTIPART}\r\n"
+                     f"Content-Length: {len(data) * 2}\r\n\r\n".encode() + head)
+        # Half a part received: it goes to a temporary file (written through a 1 MiB buffer).
+        wait_for(lambda: node.temp_files(), 10, 0.05, "the part's temporary file")
+    wait_for(lambda: node.temp_files() == [] or None, 10, 0.05, "the temporary file removed")
+    assert node.spooled() == []
 
 
 class FailingIntake(Intake):
-    def accept_part10(self, data: bytes, **kwargs):  # noqa: ANN003, ANN201
+    def accept_part10_file(self, temp, **kwargs):  # noqa: ANN001, ANN003, ANN201
         raise RuntimeError("simulated bug")
 
 
@@ -321,9 +359,9 @@ def test_unexpected_error_is_a_processing_failure(start_node, tmp_path: Path) ->
 class SlowIntake(Intake):
     """Records when each instance was stored, after a delay, to show the response waits for it."""
 
-    def accept_part10(self, data: bytes, **kwargs):  # noqa: ANN003, ANN201
+    def accept_part10_file(self, temp, **kwargs):  # noqa: ANN001, ANN003, ANN201
         time.sleep(0.2)
-        result = super().accept_part10(data, **kwargs)
+        result = super().accept_part10_file(temp, **kwargs)
         self.stored_at = [*getattr(self, "stored_at", []), time.monotonic()]
         return result
 
@@ -360,3 +398,89 @@ def test_http_server_start_and_stop(start_node, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="base_paths"):
         create_app(node.intake, base_paths=("dicom-web",))
 
+
+
+def test_stalled_body_gets_408(start_node) -> None:
+    """A body that stops arriving is answered 408 after idle_timeout_s, and its part's temporary file removed."""
+    node = start_node(idle_timeout_s=0.5)
+    data = CT_SMALL.read_bytes()
+    with socket.create_connection(("127.0.0.1", node.server.port), timeout=10) as sock:
+        sock.sendall(f"POST /studies HTTP/1.1\r\nHost: x\r\nContent-Type: {MULTIPART}\r\n"
+                     f"Content-Length: {len(data) * 2}\r\n\r\n--{BOUNDARY}\r\n\r\n".encode() + data[:1000])
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b")"):
+            received = sock.recv(4096)
+            if not received:
+                break
+            answer += received
+    assert answer.startswith(b"HTTP/1.1 408") and b"no body bytes for 0.5 s (after" in answer, answer
+    assert node.temp_files() == [] and node.spooled() == []
+    with pytest.raises(ValueError, match="idle_timeout_s"):
+        create_app(node.intake, idle_timeout_s=0)
+
+
+def test_truncated_encapsulated_pixel_data_is_refused(start_node, tmp_path: Path) -> None:
+    """A streamed part whose encapsulated Pixel Data lacks its end fails with 0xC000; the whole one is stored."""
+    ds = pydicom.dcmread(CT_SMALL)
+    ds.compress(RLELossless)
+    out = BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    whole = out.getvalue()
+    delimiter = whole.rindex(b"\xfe\xff\xdd\xe0")
+    node = start_node()
+    for cut in (delimiter, delimiter - 1000):
+        status, _, raw = curl_post(f"{node.url}/studies", multipart_body([whole[:cut]]), tmp_path)
+        failed = items(json.loads(raw), FAILED_SOP_SEQUENCE)
+        assert status == 409 and failed[0][FAILURE_REASON]["Value"] == [0xC000], raw
+    assert node.spooled() == [] and node.temp_files() == []
+    status, _, raw = curl_post(f"{node.url}/studies", multipart_body([whole]), tmp_path)
+    assert status == 200 and len(node.spooled()) == 1, raw
+
+
+PASSWORD = "pässwörd-ü"  # not ASCII: compared as UTF-8 bytes (RFC 7617 charset="UTF-8")
+
+
+@pytest.mark.parametrize(
+    ("authorization", "expected"),
+    [
+        (b"Basic " + base64.b64encode(f"pacs:{PASSWORD}".encode()), 200),
+        (b"Basic " + base64.b64encode(f"pacs:{PASSWORD}".encode("latin-1")), 401),
+        ("Basic " + base64.b64encode(f"pacs:{PASSWORD}".encode()).decode() + "ä", 401),  # non-ASCII header
+        (b"Basic not base64!", 401),
+        (b"Basic " + base64.b64encode(b"pacs" + PASSWORD.encode()), 401),  # no colon
+        (b"Basic " + base64.b64encode(b"\xff\xfe:\x00"), 401),
+        (b"Bearer abc", 401),
+        (b"Basic", 401),
+        (None, 401),
+    ],
+    ids=["right", "latin-1", "non-ascii-header", "not-base64", "no-colon", "binary", "bearer", "no-token", "none"],
+)
+def test_basic_auth_answers_401_never_500(start_node, authorization: bytes | str | None, expected: int) -> None:
+    node = start_node(credentials=("pacs", PASSWORD))
+    headers: dict[str, str | bytes] = {} if authorization is None else {"Authorization": authorization}
+    if isinstance(authorization, str):
+        headers["Authorization"] = authorization.encode("utf-8")
+    status, response_headers, raw = node.post("/studies", multipart_body([CT_SMALL.read_bytes()]), headers)
+    assert status == expected, raw
+    if expected == 401:
+        assert response_headers["www-authenticate"].startswith("Basic")
+        assert node.spooled() == []
+
+
+def test_concurrency_limit_answers_503_with_retry_after(start_node) -> None:
+    """Over max_concurrency requests in flight: 503 with Retry-After; a slot freed is taken again."""
+    node = start_node(max_concurrency=1)
+    with socket.create_connection(("127.0.0.1", node.server.port), timeout=10) as slow:
+        slow.sendall(f"POST /studies HTTP/1.1\r\nHost: x\r\nContent-Type: {MULTIPART}\r\n"
+                     f"Content-Length: 100000\r\n\r\n--{BOUNDARY}\r\n".encode())
+        status, headers, raw = wait_for(
+            lambda: (answer := node.post("/studies", multipart_body([CT_SMALL.read_bytes()])))[0] == 503 and answer,
+            10, 0.05, "a 503 while the slow request is in flight")
+        assert int(headers["retry-after"]) > 0 and b"requests in flight" in raw
+    status, _, raw = wait_for(
+        lambda: (answer := node.post("/studies", multipart_body([CT_SMALL.read_bytes()])))[0] != 503 and answer,
+        10, 0.05, "the slot freed")
+    assert status == 200, raw
+    assert node.temp_files() == []
+    with pytest.raises(ValueError, match="max_concurrency"):
+        create_app(node.intake, max_concurrency=0)

@@ -18,4 +18,8 @@ folder there. No test file imports another test file or ``conftest``.
 - :mod:`support.crashkit`, :mod:`support.outage`: the crash and PACS-outage scenarios
   (shared by the system tests and the ``soak_*.py`` scripts).
 - :mod:`support.ohif_viewer`: the OHIF viewer served next to Orthanc.
+- :mod:`support.pdu`: raw Upper Layer PDUs built with ``struct`` and a raw client reading the node's answers;
+  :mod:`support.pdu_strategies`: Hypothesis strategies for them; :mod:`support.listener_probe`: a node with
+  short listener deadlines, its threads, RSS, ``.part`` files and stored UIDs (the listener fuzz test and
+  ``soak_listener.py``).
 """

@@ -227,43 +227,6 @@ class Intake:
             return f"free disk {free // 2**20} MiB below the {self.config.min_free_disk_mb} MiB watermark"
         return None
 
-    def accept_part10(
-        self,
-        data: bytes,
-        *,
-        source: str,
-        association: str | None = None,
-        expected_study: str | None = None,
-    ) -> IntakeResult:
-        """Check and store one PS3.10 file (preamble, file meta, dataset) as received.
-
-        ``expected_study`` (STOW-RS ``/studies/{uid}``) refuses an instance of
-        another study with :data:`STUDY_MISMATCH`.
-        """
-        full = self.disk_full_reason()
-        if full:
-            return self.refuse(OUT_OF_RESOURCES, full, source)
-        try:
-            ds = pydicom.dcmread(BytesIO(data))
-            header = read_header(ds)
-            check_pixel_data(ds, ds.file_meta.TransferSyntaxUID)
-        except Exception as exc:  # any failure to parse means the dataset is corrupt
-            return self.refuse(CANNOT_UNDERSTAND, f"dataset cannot be parsed: {exc}", source)
-        uids = {"sop_class_uid": header.sop_class_uid, "sop_instance_uid": header.sop_instance_uid,
-                "series_uid": header.series_uid}
-        if expected_study is not None and header.study_uid != expected_study:
-            return self.refuse(STUDY_MISMATCH, f"Study Instance UID {header.study_uid} differs from the request "
-                                               f"URL's {expected_study}", source, **uids)
-        if header.sop_class_uid not in ACCEPTED_SOP_CLASSES:
-            return self.refuse(
-                SOP_CLASS_NOT_SUPPORTED, f"SOP class {UID(header.sop_class_uid).name} is not accepted", source, **uids
-            )
-        try:
-            path, size = self.spool.store(header.study_uid, header.series_uid, header.sop_instance_uid, data)
-            return self.record_arrival(header, path, size, source, association)
-        except (SpoolError, OSError) as exc:
-            return self.refuse(OUT_OF_RESOURCES, f"cannot store: {exc}", source, **uids)
-
     def accept_part10_file(
         self,
         temp: TempFile,
@@ -272,7 +235,11 @@ class Intake:
         association: str | None = None,
         expected_study: str | None = None,
     ) -> IntakeResult:
-        """:meth:`accept_part10` for a PS3.10 file already streamed to ``temp`` (:meth:`new_temp`).
+        """Check and store one PS3.10 file (preamble, file meta, dataset) already streamed to ``temp``
+        (:meth:`new_temp`), as STOW-RS receives it.
+
+        ``expected_study`` (STOW-RS ``/studies/{uid}``) refuses an instance of
+        another study with :data:`STUDY_MISMATCH`.
 
         Only the header is read from the file (pixel data is skipped, its
         length checked against the file's size); the file is then fsynced and

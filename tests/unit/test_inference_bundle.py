@@ -28,7 +28,6 @@ from support.models import (
     lesion_manifest,
     lesion_models,
     liver_phantom,
-    load_lesion_bundle,
     manifest,
     segment,
     series,
@@ -36,12 +35,6 @@ from support.models import (
     threshold_model,
     write_bundle,
 )
-
-
-@pytest.fixture(scope="module")
-def lesion_bundle(tmp_path_factory: pytest.TempPathFactory) -> ModelBundle:
-    return load_lesion_bundle(tmp_path_factory.mktemp("bundles"))
-
 
 # =========================================================================== 1. manifest v2
 

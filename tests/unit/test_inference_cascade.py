@@ -34,7 +34,6 @@ from support.models import (
     lesion_manifest,
     lesion_models,
     liver_phantom,
-    load_lesion_bundle,
     manifest,
     segment,
     series,
@@ -43,12 +42,6 @@ from support.models import (
     threshold_model,
     write_bundle,
 )
-
-
-@pytest.fixture(scope="module")
-def lesion_bundle(tmp_path_factory: pytest.TempPathFactory) -> ModelBundle:
-    return load_lesion_bundle(tmp_path_factory.mktemp("bundles"))
-
 
 # =========================================================================== 5. region crop and gate
 

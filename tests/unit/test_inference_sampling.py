@@ -31,7 +31,6 @@ from support.models import (
     FakeVolume,
     conv3_model,
     liver_phantom,
-    load_lesion_bundle,
     manifest,
     ramp,
     segment,
@@ -42,12 +41,6 @@ from support.models import (
     to_lps,
     write_bundle,
 )
-
-
-@pytest.fixture(scope="module")
-def lesion_bundle(tmp_path_factory: pytest.TempPathFactory) -> ModelBundle:
-    return load_lesion_bundle(tmp_path_factory.mktemp("bundles"))
-
 
 # =========================================================================== 2. sliding window
 

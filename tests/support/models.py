@@ -28,11 +28,12 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 
 from pipelines.model.bundle import ModelBundle
 from pipelines.model.manifest import MANIFEST_NAME
+from support.series import ct_slice
 
 CPU = ["CPUExecutionProvider"]
 IR_VERSION = 8
@@ -264,31 +265,14 @@ def series(
     pixels = np.clip(np.round(stored) + 1024, 0, 4095).astype(np.uint16)
     datasets = []
     for k in range(nz):
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.Modality = "CT"
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds = ct_slice(pixels[k], uids=(study, series_uid, frame_of_reference), number=k + 1,
+                      orientation=orientation, position=corner + k * dz * normal, pixel_spacing=(dy, dx),
+                      thickness=dz)
         ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Test^Inference", "INF-1", "19600101", "O"
         ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = "20240102", "101010", "1", "A1"
         ds.ReferringPhysicianName, ds.Manufacturer = "", "tests"
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series_uid, frame_of_reference
-        ds.SeriesNumber, ds.InstanceNumber = 3, k + 1
-        ds.ImageOrientationPatient = [float(v) for v in orientation]
-        ds.ImagePositionPatient = [float(v) for v in corner + k * dz * normal]
-        ds.PixelSpacing = [dy, dx]
-        ds.SliceThickness = dz
+        ds.SeriesNumber = 3
         ds.KVP = 120
-        ds.Rows, ds.Columns = ny, nx
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
-        ds.PixelData = pixels[k].tobytes()
         datasets.append(ds)
     order = np.random.default_rng(nz).permutation(nz)
     return [datasets[i] for i in order]

@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pydicom
-from pydicom.uid import generate_uid
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from support.data import abdomen_files
 
@@ -49,3 +51,32 @@ def copy_series(folder: Path, count: int | None = None, skip: tuple[int, ...] = 
         files.append(path)
     first = pydicom.dcmread(files[0], stop_before_pixels=True) if files else None
     return SourceSeries(str(first.StudyInstanceUID) if first else "", series_uid, files)
+
+
+def ct_slice(stored: np.ndarray, *, uids: tuple[str, str, str], number: int, orientation: tuple[float, ...],
+             position: np.ndarray, pixel_spacing: tuple[float, float], thickness: float) -> Dataset:
+    """One classic CT Image dataset (in memory, Explicit VR Little Endian) holding ``stored``
+    (uint16, rescaled to HU by slope 1 and intercept -1024); ``uids`` are (study, series, frame of
+    reference). Callers add what their test needs (patient, modality changes, KVP...)."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.Modality = "CT"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = uids
+    ds.InstanceNumber = number
+    ds.ImageOrientationPatient = [float(v) for v in orientation]
+    ds.ImagePositionPatient = [float(v) for v in position]
+    ds.PixelSpacing = list(pixel_spacing)
+    ds.SliceThickness = thickness
+    ds.Rows, ds.Columns = stored.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+    ds.PixelData = stored.tobytes()
+    return ds

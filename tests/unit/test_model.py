@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 
 from pipelines.analysis import SeriesAnalyzer, check_eligibility
 from pipelines.errors import ModelError, SeriesRejected
@@ -28,6 +28,7 @@ from pipelines.model.manifest import MANIFEST_NAME, parse_manifest
 from pipelines.rules.ruleset import RuleSet
 from pipelines.volume.ct import CTVolume, build_volume, load_series
 from support.data import REPO, abdomen_files
+from support.series import ct_slice
 
 MODELS = REPO / "onnx_models"
 BUNDLE = MODELS / "body-lungs"
@@ -72,26 +73,11 @@ def ct_series(
     stored = np.clip(np.round(hu) + 1024, 0, 4095).astype(np.uint16)
     datasets = []
     for k in range(hu.shape[0]):
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds = ct_slice(stored[k], uids=(study, series, frame_of_reference), number=k + 1, orientation=orientation,
+                      position=np.asarray([-100.0, -100.0, 0.0]) + k * slice_spacing * normal,
+                      pixel_spacing=(pixel_spacing, pixel_spacing), thickness=slice_spacing)
         ds.Modality = modality
         ds.ImageType = list(image_type)
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame_of_reference
-        ds.ImageOrientationPatient = [float(v) for v in orientation]
-        ds.ImagePositionPatient = [float(v) for v in np.asarray([-100.0, -100.0, 0.0]) + k * slice_spacing * normal]
-        ds.PixelSpacing = [pixel_spacing, pixel_spacing]
-        ds.SliceThickness = slice_spacing
-        ds.Rows, ds.Columns = hu.shape[1:]
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
-        ds.PixelData = stored[k].tobytes()
         datasets.append(ds)
     return datasets
 
